@@ -1,0 +1,199 @@
+//! The proxy's error vocabulary and its one mapping to HTTP.
+//!
+//! Every refusal the gateway produces itself is a [`ProxyError`]; [`ProxyError::status`],
+//! [`ProxyError::code`] and [`ProxyError::body`] are the single table that turns it
+//! into OpenAI's error shape `{"error": {"message", "type", "param", "code"}}`.
+//! Messages never contain a key, a provider secret or a header value.
+
+use bytes::Bytes;
+
+use crate::keys::cache::AuthError;
+
+/// Everything the proxy can refuse a request for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProxyError {
+    /// 401: no, malformed, unknown, revoked or expired key.
+    Auth(AuthError),
+    /// 503: the key is not cached and the store cannot be read.
+    KeyStoreUnavailable,
+    /// 429: a limit was hit (the limit's name).
+    RateLimited(&'static str),
+    /// 413: the body is larger than `max_body_bytes`.
+    PayloadTooLarge(usize),
+    /// 400: the body is empty.
+    EmptyBody,
+    /// 400: the body is not valid JSON (or not an object).
+    InvalidJson(String),
+    /// 400: no `model` field.
+    MissingModel,
+    /// 400: a field has the wrong type or value (`field`, `what`).
+    InvalidField(&'static str, &'static str),
+    /// 404: no configured provider offers this model.
+    ModelNotFound(String),
+    /// 403: the key may not use this model.
+    ModelNotAllowed(String),
+    /// 404: unknown path.
+    NotFound,
+    /// 405: known path, wrong method.
+    MethodNotAllowed,
+    /// 502: the provider could not be reached, or broke the protocol.
+    UpstreamUnreachable,
+    /// 504: the provider did not answer in time.
+    UpstreamTimeout,
+    /// 500: a bug; the message is generic on purpose.
+    Internal,
+}
+
+fn clip(s: &str) -> &str {
+    // Echoed client input stays short; cut on a char boundary.
+    if s.len() <= 200 {
+        return s;
+    }
+    let mut end = 200;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+impl ProxyError {
+    /// The HTTP status.
+    pub fn status(&self) -> u16 {
+        match self {
+            ProxyError::Auth(_) => 401,
+            ProxyError::KeyStoreUnavailable => 503,
+            ProxyError::RateLimited(_) => 429,
+            ProxyError::PayloadTooLarge(_) => 413,
+            ProxyError::EmptyBody
+            | ProxyError::InvalidJson(_)
+            | ProxyError::MissingModel
+            | ProxyError::InvalidField(..) => 400,
+            ProxyError::ModelNotFound(_) | ProxyError::NotFound => 404,
+            ProxyError::ModelNotAllowed(_) => 403,
+            ProxyError::MethodNotAllowed => 405,
+            ProxyError::UpstreamUnreachable => 502,
+            ProxyError::UpstreamTimeout => 504,
+            ProxyError::Internal => 500,
+        }
+    }
+
+    /// OpenAI's `error.type`.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            ProxyError::RateLimited(_) => "requests",
+            ProxyError::KeyStoreUnavailable
+            | ProxyError::UpstreamUnreachable
+            | ProxyError::UpstreamTimeout
+            | ProxyError::Internal => "api_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    /// OpenAI's `error.code` (also the usage row's `error` and a metric label).
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::Auth(AuthError::Missing) => "missing_api_key",
+            ProxyError::Auth(AuthError::Revoked) => "revoked_api_key",
+            ProxyError::Auth(AuthError::Expired) => "expired_api_key",
+            ProxyError::Auth(_) => "invalid_api_key",
+            ProxyError::KeyStoreUnavailable => "key_store_unavailable",
+            ProxyError::RateLimited(_) => "rate_limit_exceeded",
+            ProxyError::PayloadTooLarge(_) => "request_too_large",
+            ProxyError::EmptyBody => "empty_body",
+            ProxyError::InvalidJson(_) => "invalid_json",
+            ProxyError::MissingModel => "missing_model",
+            ProxyError::InvalidField(..) => "invalid_field",
+            ProxyError::ModelNotFound(_) => "model_not_found",
+            ProxyError::ModelNotAllowed(_) => "model_not_allowed",
+            ProxyError::NotFound => "not_found",
+            ProxyError::MethodNotAllowed => "method_not_allowed",
+            ProxyError::UpstreamUnreachable => "upstream_unreachable",
+            ProxyError::UpstreamTimeout => "upstream_timeout",
+            ProxyError::Internal => "internal_error",
+        }
+    }
+
+    /// The offending request field, when there is one (OpenAI's `error.param`).
+    pub fn param(&self) -> Option<&'static str> {
+        match self {
+            ProxyError::MissingModel
+            | ProxyError::ModelNotFound(_)
+            | ProxyError::ModelNotAllowed(_) => Some("model"),
+            ProxyError::InvalidField(f, _) => Some(f),
+            _ => None,
+        }
+    }
+
+    /// A sentence saying exactly what is wrong.
+    pub fn message(&self) -> String {
+        match self {
+            ProxyError::Auth(AuthError::Missing) => "You didn't provide an API key. Send it as `Authorization: Bearer <key>`.".into(),
+            ProxyError::Auth(AuthError::Malformed(e)) => format!("Incorrect API key provided: {e}."),
+            ProxyError::Auth(AuthError::Unknown) | ProxyError::Auth(AuthError::Unavailable) => "Incorrect API key provided.".into(),
+            ProxyError::Auth(AuthError::Revoked) => "This API key has been revoked.".into(),
+            ProxyError::Auth(AuthError::Expired) => "This API key has expired.".into(),
+            ProxyError::KeyStoreUnavailable => "The key store is unavailable; please retry.".into(),
+            ProxyError::RateLimited(limit) => format!("Rate limit reached: {limit}. Retry after the time given in the retry-after header."),
+            ProxyError::PayloadTooLarge(max) => format!("Request body too large: the limit is {max} bytes."),
+            ProxyError::EmptyBody => "The request body is empty; a JSON object is required.".into(),
+            ProxyError::InvalidJson(e) => format!("We could not parse the JSON body of your request: {}.", clip(e)),
+            ProxyError::MissingModel => "You must provide a model parameter.".into(),
+            ProxyError::InvalidField(f, what) => format!("Invalid value for '{f}': {what}."),
+            ProxyError::ModelNotFound(m) => format!("The model `{}` does not exist or you do not have access to it.", clip(m)),
+            ProxyError::ModelNotAllowed(m) => format!("This API key is not allowed to use the model `{}`.", clip(m)),
+            ProxyError::NotFound => "Unknown request URL. Supported: POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings, GET /v1/models.".into(),
+            ProxyError::MethodNotAllowed => "Method not allowed for this URL.".into(),
+            ProxyError::UpstreamUnreachable => "The upstream provider could not be reached.".into(),
+            ProxyError::UpstreamTimeout => "The upstream provider did not respond in time.".into(),
+            ProxyError::Internal => "The gateway had an internal error.".into(),
+        }
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> Bytes {
+        let v = serde_json::json!({
+            "error": {
+                "message": self.message(),
+                "type": self.error_type(),
+                "param": self.param(),
+                "code": self.code(),
+            }
+        });
+        Bytes::from(serde_json::to_vec(&v).unwrap_or_default())
+    }
+
+    /// The same error as one SSE event, for failures after a stream has started.
+    pub fn sse_event(&self) -> Bytes {
+        let mut v = b"data: ".to_vec();
+        v.extend_from_slice(&self.body());
+        v.extend_from_slice(b"\n\n");
+        Bytes::from(v)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_are_openai_shaped() {
+        let e = ProxyError::ModelNotFound("x\"y".into());
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(v["error"]["code"], "model_not_found");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["param"], "model");
+        assert!(v["error"]["message"].as_str().unwrap().contains("x\"y"));
+        assert_eq!(e.status(), 404);
+        let long = "é".repeat(500);
+        let m = ProxyError::ModelNotFound(long).message();
+        assert!(m.len() < 300);
+    }
+
+    #[test]
+    fn sse_event_is_one_event() {
+        let ev = ProxyError::UpstreamUnreachable.sse_event();
+        assert!(ev.starts_with(b"data: {"));
+        assert!(ev.ends_with(b"}\n\n"));
+    }
+}

@@ -1,0 +1,247 @@
+//! The in-memory key cache that `request_filter` validates against.
+//!
+//! A cache hit costs a hash-map read under an uncontended read lock plus one SHA-256
+//! of the 22-byte secret; no store call. A miss (first use of a key on this node)
+//! reads the store once; ids the store does not know are remembered for
+//! `negative_cache` so a flood of well-formed but unknown keys cannot hammer it.
+//!
+//! Changes (new keys, revocations, expiry edits) reach the cache through the
+//! store's `rev` change feed, polled every `refresh_interval` (≤ 1 s by config) by
+//! [`KeyRefresher`]. Expiry needs no change at all: it is checked against the clock
+//! on every request.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use parking_lot::{Mutex, RwLock};
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+
+use super::{hash_secret, hashes_equal, parse, FormatError, KeyRecord, KeyStatus};
+use crate::store::{Store, StoreError};
+
+/// Why a presented key was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing API key")]
+    Missing,
+    #[error("malformed API key: {0}")]
+    Malformed(FormatError),
+    #[error("unknown API key")]
+    Unknown,
+    #[error("revoked API key")]
+    Revoked,
+    #[error("expired API key")]
+    Expired,
+    #[error("key store unavailable")]
+    Unavailable,
+}
+
+/// A cached key.
+#[derive(Debug)]
+pub struct KeyEntry {
+    /// The key as stored.
+    pub record: KeyRecord,
+}
+
+/// Validates presented keys against cached records.
+pub struct KeyCache {
+    store: Arc<dyn Store>,
+    entries: RwLock<HashMap<String, Arc<KeyEntry>>>,
+    negative: Mutex<HashMap<String, Instant>>,
+    last_rev: AtomicI64,
+    negative_ttl: Duration,
+}
+
+const NEGATIVE_CAP: usize = 100_000;
+
+impl KeyCache {
+    /// A cache in front of `store`. Call [`KeyCache::prime`] before serving.
+    pub fn new(store: Arc<dyn Store>, negative_ttl: Duration) -> KeyCache {
+        KeyCache {
+            store,
+            entries: RwLock::new(HashMap::new()),
+            negative: Mutex::new(HashMap::new()),
+            last_rev: AtomicI64::new(0),
+            negative_ttl,
+        }
+    }
+
+    /// Loads every key so the first requests need no store read, and sets the
+    /// change-feed cursor.
+    pub async fn prime(&self) -> Result<usize, StoreError> {
+        let keys = self.store.list_keys().await?;
+        let n = keys.len();
+        let mut max = 0;
+        let mut map = self.entries.write();
+        for k in keys {
+            max = max.max(k.rev);
+            map.insert(k.id.clone(), Arc::new(KeyEntry { record: k }));
+        }
+        self.last_rev.fetch_max(max, Ordering::AcqRel);
+        Ok(n)
+    }
+
+    /// Applies every change since the last call; returns how many keys changed.
+    pub async fn refresh(&self) -> Result<usize, StoreError> {
+        let since = self.last_rev.load(Ordering::Acquire);
+        let changed = self.store.keys_changed_since(since).await?;
+        if changed.is_empty() {
+            return Ok(0);
+        }
+        let n = changed.len();
+        let mut max = since;
+        {
+            let mut map = self.entries.write();
+            let mut neg = self.negative.lock();
+            for k in changed {
+                max = max.max(k.rev);
+                neg.remove(&k.id);
+                map.insert(k.id.clone(), Arc::new(KeyEntry { record: k }));
+            }
+        }
+        self.last_rev.fetch_max(max, Ordering::AcqRel);
+        Ok(n)
+    }
+
+    /// Validates the `Authorization` header value (with or without `Bearer `).
+    pub async fn authenticate(
+        &self,
+        authorization: Option<&[u8]>,
+        now_ms: i64,
+    ) -> Result<Arc<KeyEntry>, AuthError> {
+        let presented = bearer_token(authorization).ok_or(AuthError::Missing)?;
+        let parsed = parse(presented).map_err(AuthError::Malformed)?;
+        let entry = match self.cached(parsed.id) {
+            Some(e) => e,
+            None => self.load(parsed.id).await?,
+        };
+        let rec = &entry.record;
+        if !hashes_equal(&hash_secret(parsed.id, parsed.secret), &rec.secret_hash) {
+            return Err(AuthError::Unknown);
+        }
+        match rec.status(now_ms) {
+            KeyStatus::Active => Ok(entry),
+            KeyStatus::Revoked => Err(AuthError::Revoked),
+            KeyStatus::Expired => Err(AuthError::Expired),
+        }
+    }
+
+    fn cached(&self, id: &str) -> Option<Arc<KeyEntry>> {
+        self.entries.read().get(id).cloned()
+    }
+
+    async fn load(&self, id: &str) -> Result<Arc<KeyEntry>, AuthError> {
+        if let Some(at) = self.negative.lock().get(id) {
+            if at.elapsed() < self.negative_ttl {
+                return Err(AuthError::Unknown);
+            }
+        }
+        match self.store.get_key(id).await {
+            Ok(Some(rec)) => {
+                let entry = Arc::new(KeyEntry { record: rec });
+                self.entries
+                    .write()
+                    .insert(id.to_owned(), entry.clone());
+                Ok(entry)
+            }
+            Ok(None) => {
+                let mut neg = self.negative.lock();
+                if neg.len() >= NEGATIVE_CAP {
+                    let ttl = self.negative_ttl;
+                    neg.retain(|_, at| at.elapsed() < ttl);
+                    if neg.len() >= NEGATIVE_CAP {
+                        neg.clear();
+                    }
+                }
+                neg.insert(id.to_owned(), Instant::now());
+                Err(AuthError::Unknown)
+            }
+            Err(e) => {
+                log::warn!("key lookup failed: {e}");
+                Err(AuthError::Unavailable)
+            }
+        }
+    }
+
+    /// Number of cached keys.
+    pub fn len(&self) -> usize {
+        self.entries.read().len()
+    }
+
+    /// Whether no key is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Extracts the token from `Bearer <token>` (scheme case-insensitive) or a bare token.
+pub fn bearer_token(header: Option<&[u8]>) -> Option<&str> {
+    let v = std::str::from_utf8(header?).ok()?.trim();
+    let token = match v.split_once(' ') {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest.trim(),
+        Some(_) => return None,
+        None => v,
+    };
+    (!token.is_empty()).then_some(token)
+}
+
+/// Background service that applies the store's change feed to the cache.
+pub struct KeyRefresher {
+    cache: Arc<KeyCache>,
+    interval: Duration,
+}
+
+impl KeyRefresher {
+    /// Polls `cache`'s store every `interval`.
+    pub fn new(cache: Arc<KeyCache>, interval: Duration) -> KeyRefresher {
+        KeyRefresher { cache, interval }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for KeyRefresher {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tick.tick() => {}
+            }
+            match self.cache.refresh().await {
+                Ok(_) if failing => {
+                    failing = false;
+                    log::info!("key change feed recovered");
+                }
+                Ok(_) => {}
+                Err(e) if !failing => {
+                    failing = true;
+                    log::warn!("key change feed failing, serving cached keys: {e}");
+                }
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_parsing() {
+        assert_eq!(bearer_token(Some(b"Bearer abc")), Some("abc"));
+        assert_eq!(bearer_token(Some(b"bearer  abc ")), Some("abc"));
+        assert_eq!(bearer_token(Some(b"abc")), Some("abc"));
+        assert_eq!(bearer_token(Some(b"Basic abc")), None);
+        assert_eq!(bearer_token(Some(b"Bearer ")), None);
+        assert_eq!(bearer_token(Some(b"\xff\xfe")), None);
+        assert_eq!(bearer_token(None), None);
+    }
+}

@@ -1,0 +1,210 @@
+//! Every Prometheus metric the gateway exports, and nothing else registers any.
+//!
+//! Metrics live in the `prometheus` crate's default registry, which Pingora's
+//! `pingora-prometheus` service gathers on `metrics_listen`. Label values are
+//! bounded by construction: models are configured names (or `unknown`), statuses
+//! are HTTP codes, kinds and limits are fixed strings. No key, owner or other
+//! per-client value is ever a label.
+
+use once_cell::sync::Lazy;
+use prometheus::{
+    CounterVec, Histogram, HistogramOpts, IntCounter, IntCounterVec,
+    IntGauge, Opts,
+};
+
+fn register<C: prometheus::core::Collector + Clone + 'static>(c: C) -> C {
+    // A second registration (tests that build several gateways in one process) is
+    // harmless: the first one is the one gathered.
+    if let Err(e) = prometheus::register(Box::new(c.clone())) {
+        log::debug!("metric registration: {e}");
+    }
+    c
+}
+
+// Construction below fails only for an invalid static name or label set, which the
+// unit test rules out; `init()` forces every metric at startup, never on a request.
+#[allow(clippy::expect_used)]
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register(IntCounterVec::new(Opts::new(name, help), labels).expect("valid static metric"))
+}
+
+#[allow(clippy::expect_used)]
+fn counter(name: &str, help: &str) -> IntCounter {
+    register(IntCounter::new(name, help).expect("valid static metric"))
+}
+
+#[allow(clippy::expect_used)]
+fn gauge(name: &str, help: &str) -> IntGauge {
+    register(IntGauge::new(name, help).expect("valid static metric"))
+}
+
+#[allow(clippy::expect_used)]
+fn histogram(name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    register(
+        Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+            .expect("valid static metric"),
+    )
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 120.0, 300.0,
+];
+
+/// Requests by configured model and final HTTP status.
+pub static REQUESTS: Lazy<IntCounterVec> = Lazy::new(|| {
+    counter_vec(
+        "ai4free_requests_total",
+        "Requests handled, by model and HTTP status",
+        &["model", "status"],
+    )
+});
+
+/// Tokens billed, by model and kind (prompt|completion).
+pub static TOKENS: Lazy<IntCounterVec> = Lazy::new(|| {
+    counter_vec(
+        "ai4free_tokens_total",
+        "Tokens billed, by model and kind (prompt|completion)",
+        &["model", "kind"],
+    )
+});
+
+/// Cost billed in USD, by model. (Exact amounts are in the usage store; this is for dashboards.)
+#[allow(clippy::expect_used)]
+pub static COST_USD: Lazy<CounterVec> = Lazy::new(|| {
+    register(
+        CounterVec::new(
+            Opts::new("ai4free_cost_usd_total", "Cost billed in USD, by model"),
+            &["model"],
+        )
+        .expect("valid static metric"),
+    )
+});
+
+/// Requests refused by a limit, by limit name.
+pub static RATE_LIMITED: Lazy<IntCounterVec> = Lazy::new(|| {
+    counter_vec(
+        "ai4free_rate_limited_total",
+        "Requests refused with 429, by limit",
+        &["limit"],
+    )
+});
+
+/// Authentication failures by reason.
+pub static AUTH_FAILURES: Lazy<IntCounterVec> = Lazy::new(|| {
+    counter_vec(
+        "ai4free_auth_failures_total",
+        "Requests refused at authentication, by reason",
+        &["reason"],
+    )
+});
+
+/// Upstream failures by kind (connect, timeout, reset, ...).
+pub static UPSTREAM_ERRORS: Lazy<IntCounterVec> = Lazy::new(|| {
+    counter_vec(
+        "ai4free_upstream_errors_total",
+        "Failures talking to providers, by kind",
+        &["kind"],
+    )
+});
+
+/// End-to-end request duration as seen by the gateway.
+pub static REQUEST_DURATION: Lazy<Histogram> = Lazy::new(|| {
+    histogram(
+        "ai4free_request_duration_seconds",
+        "Request duration from arrival to the last byte",
+        LATENCY_BUCKETS.to_vec(),
+    )
+});
+
+/// Time from arrival to the first response byte from the provider.
+pub static TTFT: Lazy<Histogram> = Lazy::new(|| {
+    histogram(
+        "ai4free_time_to_first_token_seconds",
+        "Time from request arrival to the first response byte from the provider",
+        LATENCY_BUCKETS.to_vec(),
+    )
+});
+
+/// Usage records waiting to be written.
+pub static USAGE_QUEUE_DEPTH: Lazy<IntGauge> = Lazy::new(|| {
+    gauge(
+        "ai4free_usage_queue_depth",
+        "Usage records queued for the writer",
+    )
+});
+
+/// Usage records dropped because the queue was full (or the store was gone at shutdown).
+pub static USAGE_RECORDS_DROPPED: Lazy<IntCounter> = Lazy::new(|| {
+    counter(
+        "ai4free_usage_records_dropped_total",
+        "Usage records dropped (queue full, or store unavailable at shutdown)",
+    )
+});
+
+/// Usage records written to the store.
+pub static USAGE_RECORDS_WRITTEN: Lazy<IntCounter> = Lazy::new(|| {
+    counter(
+        "ai4free_usage_records_written_total",
+        "Usage records written to the store",
+    )
+});
+
+/// Failed usage batch writes (each retry counts).
+pub static USAGE_WRITE_ERRORS: Lazy<IntCounter> = Lazy::new(|| {
+    counter(
+        "ai4free_usage_write_errors_total",
+        "Failed usage batch writes, retries included",
+    )
+});
+
+/// Time to write one usage batch.
+pub static USAGE_FLUSH_SECONDS: Lazy<Histogram> = Lazy::new(|| {
+    histogram(
+        "ai4free_usage_flush_seconds",
+        "Time to write one usage batch",
+        LATENCY_BUCKETS.to_vec(),
+    )
+});
+
+/// Forces registration of every metric so `/metrics` lists them from the start.
+pub fn init() {
+    Lazy::force(&REQUESTS);
+    Lazy::force(&TOKENS);
+    Lazy::force(&COST_USD);
+    Lazy::force(&RATE_LIMITED);
+    Lazy::force(&AUTH_FAILURES);
+    Lazy::force(&UPSTREAM_ERRORS);
+    Lazy::force(&REQUEST_DURATION);
+    Lazy::force(&TTFT);
+    Lazy::force(&USAGE_QUEUE_DEPTH);
+    Lazy::force(&USAGE_RECORDS_DROPPED);
+    Lazy::force(&USAGE_RECORDS_WRITTEN);
+    Lazy::force(&USAGE_WRITE_ERRORS);
+    Lazy::force(&USAGE_FLUSH_SECONDS);
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_registers_under_its_own_name() {
+        init();
+        REQUESTS.with_label_values(&["m", "200"]).inc();
+        let names: Vec<String> = prometheus::gather()
+            .iter()
+            .map(|f| f.name().to_string())
+            .collect();
+        for n in [
+            "ai4free_requests_total",
+            "ai4free_usage_queue_depth",
+            "ai4free_usage_records_dropped_total",
+            "ai4free_request_duration_seconds",
+            "ai4free_time_to_first_token_seconds",
+        ] {
+            assert!(names.iter().any(|x| x == n), "{n} missing: {names:?}");
+        }
+            }
+}

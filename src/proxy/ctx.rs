@@ -1,0 +1,120 @@
+//! The per-request context Pingora threads through every phase.
+//!
+//! It holds what the phases learn (key, route, limits) and the response-side
+//! accounting buffers. It is created empty by `new_ctx` and dropped after `logging`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use super::request::{Endpoint, RequestHead};
+use crate::error::ProxyError;
+use crate::keys::cache::KeyEntry;
+use crate::limits::Decision;
+use crate::tokens::usage::StreamAccounting;
+
+/// What `request_filter` established about a proxied call; handed to a subrequest
+/// unchanged when the body is too large for Pingora's replay buffer.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// Request id (also `x-request-id`).
+    pub request_id: Arc<str>,
+    /// The authenticated key.
+    pub key: Arc<KeyEntry>,
+    /// The API called.
+    pub endpoint: Endpoint,
+    /// Provider index in the config.
+    pub provider: usize,
+    /// Model index within the provider.
+    pub model: usize,
+    /// What the body asked for.
+    pub head: RequestHead,
+    /// The client's body (kept for prompt counting).
+    pub client_body: Bytes,
+    /// The body the provider receives.
+    pub upstream_body: Bytes,
+    /// The limit decision, for the response headers.
+    pub decision: Option<Decision>,
+    /// Whether the gateway asked for the usage chunk the client did not ask for.
+    pub strip_usage_chunk: bool,
+    /// Arrival time.
+    pub started: Instant,
+    /// Arrival time, Unix ms.
+    pub started_at_ms: i64,
+}
+
+/// How the response body is being accounted.
+#[derive(Default)]
+pub enum ResponseAccounting {
+    /// Nothing to account (not proxied, or an error from the gateway itself).
+    #[default]
+    None,
+    /// A JSON body, buffered (up to a bound) to read its `usage`.
+    Json { buf: Vec<u8>, overflow: bool },
+    /// An SSE stream.
+    Stream(Box<StreamAccounting>),
+}
+
+/// Per-request state.
+pub struct Ctx {
+    /// Arrival time.
+    pub started: Instant,
+    /// Arrival time, Unix ms.
+    pub started_at_ms: i64,
+    /// Request id, once assigned.
+    pub request_id: Option<Arc<str>>,
+    /// The key, once authenticated.
+    pub key: Option<Arc<KeyEntry>>,
+    /// The endpoint, when the path is a proxied API.
+    pub endpoint: Option<Endpoint>,
+    /// Everything needed to go upstream.
+    pub prepared: Option<Prepared>,
+    /// Limit decision (headers on every response).
+    pub decision: Option<Decision>,
+    /// The refusal the gateway produced itself, if any.
+    pub refusal: Option<ProxyError>,
+    /// The request was handed to a subrequest, which records usage itself.
+    pub delegated: bool,
+    /// Upstream response status.
+    pub upstream_status: Option<u16>,
+    /// Time the provider's response header arrived.
+    pub first_byte: Option<Instant>,
+    /// Response accounting.
+    pub response: ResponseAccounting,
+    /// The response body reached its end.
+    pub response_complete: bool,
+    /// An in-band error event was sent on a broken stream.
+    pub stream_error_sent: bool,
+    /// A short code for the failure, for the usage row.
+    pub failure: Option<&'static str>,
+}
+
+impl Ctx {
+    /// An empty context at arrival.
+    pub fn new() -> Ctx {
+        Ctx {
+            started: Instant::now(),
+            started_at_ms: crate::usage::now_ms(),
+            request_id: None,
+            key: None,
+            endpoint: None,
+            prepared: None,
+            decision: None,
+            refusal: None,
+            delegated: false,
+            upstream_status: None,
+            first_byte: None,
+            response: ResponseAccounting::None,
+            response_complete: false,
+            stream_error_sent: false,
+            failure: None,
+        }
+    }
+}
+
+impl Default for Ctx {
+    fn default() -> Self {
+        Ctx::new()
+    }
+}

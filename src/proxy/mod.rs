@@ -1,0 +1,882 @@
+//! The Pingora `ProxyHttp` glue: each phase extracts plain data from the `Session`,
+//! calls the pure cores, and applies the result.
+//!
+//! ```text
+//!  client ──► request_filter ─────────────────────────────────────────────┐
+//!             │ route (request::route)                                     │ refusals: 401 403 404
+//!             │ authenticate (keys::cache)                                 │ 405 413 429 400 → JSON,
+//!             │ limit (limits::LocalLimiter)                               │ Ok(true), logging()
+//!             │ read body ≤ max_body_bytes, parse (request::parse_head)    │
+//!             │ resolve model (config), build upstream body               ◄┘
+//!             │   body ≤ 64 KiB: Pingora replays it from its retry buffer
+//!             │   body > 64 KiB: handed to a subrequest with a preset body
+//!             ▼
+//!           upstream_peer           pre-resolved SocketAddr, TLS + SNI, timeouts
+//!           upstream_request_filter path, Host, provider key replaces the client's
+//!           request_body_filter     swaps in the upstream body at end of stream
+//!           response_filter         x-request-id, x-ratelimit-*, framing
+//!           response_body_filter    SSE / JSON accounting (tokens::usage), O(chunk)
+//!           fail_to_proxy           upstream failures → 502/504 JSON or in-band SSE error
+//!           logging                 tokens, cost, metrics, one usage row (try_send)
+//! ```
+
+pub mod ctx;
+pub mod request;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::HeaderValue;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::{HttpPeer, Session};
+use pingora::proxy::subrequest::pipe::{pipe_subrequest, InputBody, InputBodyType};
+use pingora::proxy::subrequest::{BodyMode, Ctx as SubrequestCtx};
+use pingora::proxy::{FailToProxy, ProxyHttp};
+use pingora::{Error, ErrorSource, ErrorType, Result};
+
+pub use ctx::{Ctx, Prepared, ResponseAccounting};
+use request::{Endpoint, Route};
+
+use crate::config::{Config, Model, Provider};
+use crate::error::ProxyError;
+use crate::keys::cache::{AuthError, KeyCache};
+use crate::limits::{self, Decision, LocalLimiter};
+use crate::metrics;
+use crate::tokens::count::Tokenizer;
+use crate::tokens::usage::{usage_from_response_body, StreamAccounting, Usage};
+use crate::usage::{self as usage_mod, TokenSource, UsageRecord, UsageSink};
+
+/// Pingora replays a body read in `request_filter` only from its 64 KiB retry buffer.
+const REPLAY_LIMIT: usize = 64 * 1024;
+/// A non-streamed response larger than this is passed through without reading its usage.
+const JSON_ACCOUNTING_LIMIT: usize = 32 * 1024 * 1024;
+/// An SSE event larger than this is passed through without being parsed.
+const SSE_EVENT_LIMIT: usize = 4 * 1024 * 1024;
+/// Prompts above this size are counted on the blocking pool, off the proxy threads.
+const INLINE_COUNT_LIMIT: usize = 256 * 1024;
+
+/// A provider as the proxy dials it.
+pub struct Upstream {
+    /// HTTPS.
+    pub tls: bool,
+    /// TLS server name (also verified against the certificate).
+    pub sni: String,
+    /// Host header value.
+    pub host: HeaderValue,
+    /// Base path, e.g. `/v1`.
+    pub path_prefix: String,
+    /// Resolved addresses, refreshed off the request path.
+    pub addrs: ArcSwap<Vec<SocketAddr>>,
+    next: AtomicUsize,
+    /// `Authorization` for the provider (marked sensitive).
+    pub auth: Option<HeaderValue>,
+    /// Extra static headers.
+    pub headers: Vec<(http::HeaderName, HeaderValue)>,
+}
+
+impl Upstream {
+    /// Builds the dialing view of a configured provider, reading its key from the environment.
+    pub fn from_config(p: &Provider) -> std::result::Result<Upstream, String> {
+        let host = HeaderValue::from_str(&p.base_url.authority())
+            .map_err(|_| format!("provider {}: invalid host", p.name))?;
+        let auth = match &p.api_key_env {
+            Some(var) => match std::env::var(var) {
+                Ok(k) if !k.is_empty() => {
+                    let mut v = HeaderValue::from_str(&format!("Bearer {k}")).map_err(|_| {
+                        format!("provider {}: ${var} is not a valid header value", p.name)
+                    })?;
+                    v.set_sensitive(true);
+                    Some(v)
+                }
+                _ => {
+                    log::warn!(
+                        "provider {}: ${var} is not set; requests go out without a provider key",
+                        p.name
+                    );
+                    None
+                }
+            },
+            None => None,
+        };
+        let mut headers = Vec::with_capacity(p.headers.len());
+        for (k, v) in &p.headers {
+            let name = http::HeaderName::from_bytes(k.as_bytes())
+                .map_err(|_| format!("provider {}: invalid header name {k}", p.name))?;
+            let value = HeaderValue::from_str(v)
+                .map_err(|_| format!("provider {}: invalid value for header {k}", p.name))?;
+            headers.push((name, value));
+        }
+        let addrs = match p.base_url.host.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, p.base_url.port)],
+            Err(_) => Vec::new(),
+        };
+        Ok(Upstream {
+            tls: p.base_url.tls,
+            sni: p.base_url.host.trim_matches(['[', ']']).to_owned(),
+            host,
+            path_prefix: p.base_url.path_prefix.clone(),
+            addrs: ArcSwap::from_pointee(addrs),
+            next: AtomicUsize::new(0),
+            auth,
+            headers,
+        })
+    }
+
+    fn pick(&self) -> Option<SocketAddr> {
+        let addrs = self.addrs.load();
+        if addrs.is_empty() {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % addrs.len();
+        addrs.get(i).copied()
+    }
+}
+
+/// The gateway's shared state; one per server, cheap to clone into subrequests.
+pub struct Gateway {
+    /// Validated configuration.
+    pub config: Arc<Config>,
+    /// Key validation cache.
+    pub keys: Arc<KeyCache>,
+    /// Local limiter.
+    pub limiter: Arc<LocalLimiter>,
+    /// Usage queue.
+    pub usage: UsageSink,
+    /// Dialing view of each provider, in config order.
+    pub upstreams: Arc<Vec<Upstream>>,
+}
+
+fn tokenizer_of(m: &Model) -> Tokenizer {
+    match m.tokenizer {
+        crate::config::TokenizerName::O200kBase => Tokenizer::O200kBase,
+        crate::config::TokenizerName::Cl100kBase => Tokenizer::Cl100kBase,
+    }
+}
+
+/// Writes a complete JSON response; used for every refusal and the local endpoints.
+async fn respond_json(
+    session: &mut Session,
+    status: u16,
+    body: Bytes,
+    ctx: &Ctx,
+    retry_after: Option<u64>,
+) -> Result<()> {
+    let mut h = ResponseHeader::build(status, Some(8))?;
+    h.insert_header("content-type", "application/json")?;
+    h.insert_header("content-length", body.len().to_string())?;
+    if let Some(id) = &ctx.request_id {
+        h.insert_header("x-request-id", id.as_ref())?;
+    }
+    if status == 401 {
+        h.insert_header("www-authenticate", "Bearer")?;
+    }
+    if let Some(d) = &ctx.decision {
+        rate_headers(&mut h, d)?;
+    }
+    if let Some(s) = retry_after {
+        h.insert_header("retry-after", s.to_string())?;
+    }
+    session.write_response_header(Box::new(h), false).await?;
+    session.write_response_body(Some(body), true).await
+}
+
+fn rate_headers(h: &mut ResponseHeader, d: &Decision) -> Result<()> {
+    let i = d.info();
+    h.insert_header("x-ratelimit-limit-requests", i.limit.to_string())?;
+    h.insert_header("x-ratelimit-remaining-requests", i.remaining.to_string())?;
+    h.insert_header("x-ratelimit-reset-requests", limits::format_reset(i.reset))?;
+    Ok(())
+}
+
+impl Gateway {
+    async fn refuse(&self, session: &mut Session, ctx: &mut Ctx, err: ProxyError) -> Result<bool> {
+        // The body may be large and unread: closing beats draining megabytes.
+        session.set_keepalive(None);
+        let retry = match (&err, &ctx.decision) {
+            (ProxyError::RateLimited(_), Some(d)) => Some(limits::retry_after_secs(d.info().reset)),
+            _ => None,
+        };
+        if let ProxyError::Auth(a) = &err {
+            metrics::AUTH_FAILURES
+                .with_label_values(&[match a {
+                    AuthError::Missing => "missing",
+                    AuthError::Malformed(_) => "malformed",
+                    AuthError::Unknown => "unknown",
+                    AuthError::Revoked => "revoked",
+                    AuthError::Expired => "expired",
+                    AuthError::Unavailable => "unavailable",
+                }])
+                .inc();
+        }
+        let body = err.body();
+        let status = err.status();
+        ctx.refusal = Some(err);
+        respond_json(session, status, body, ctx, retry).await?;
+        Ok(true)
+    }
+
+    /// Reads the whole body, refusing with 413 as soon as it passes the limit.
+    async fn read_body(&self, session: &mut Session) -> std::result::Result<Bytes, ProxyError> {
+        let max = self.config.max_body_bytes;
+        let declared = session
+            .req_header()
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if declared.is_some_and(|n| n > max as u64) {
+            return Err(ProxyError::PayloadTooLarge(max));
+        }
+        // Only a body that fits the retry buffer can be replayed by Pingora; larger
+        // ones go through a subrequest, so buffering them twice would be waste.
+        if declared.is_some_and(|n| n as usize <= REPLAY_LIMIT) {
+            session.enable_retry_buffering();
+        }
+        let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(0).min(max as u64) as usize);
+        loop {
+            match session.read_request_body().await {
+                Ok(Some(chunk)) => {
+                    if buf.len() + chunk.len() > max {
+                        return Err(ProxyError::PayloadTooLarge(max));
+                    }
+                    buf.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    log::debug!("reading request body: {e}");
+                    return Err(ProxyError::InvalidJson("the request body could not be read".into()));
+                }
+            }
+        }
+        Ok(buf.freeze())
+    }
+
+    async fn prepare(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        endpoint: Endpoint,
+    ) -> std::result::Result<Prepared, ProxyError> {
+        let key = ctx.key.clone().ok_or(ProxyError::Internal)?;
+        let body = self.read_body(session).await?;
+        let head = request::parse_head(&body)?;
+        let (pi, mi) = self
+            .config
+            .resolve_model(&head.model)
+            .ok_or_else(|| ProxyError::ModelNotFound(head.model.clone()))?;
+        let provider = self.config.providers.get(pi).ok_or(ProxyError::Internal)?;
+        let model = provider.models.get(mi).ok_or(ProxyError::Internal)?;
+        let canonical = format!("{}/{}", provider.name, model.name);
+        if !key.record.allows_model(&head.model, &canonical) && !key.record.allows_model(&model.name, &canonical) {
+            return Err(ProxyError::ModelNotAllowed(head.model.clone()));
+        }
+        let upstream_model = model.upstream_name.as_deref().unwrap_or(&model.name);
+        let force_usage = head.stream && provider.stream_usage && endpoint != Endpoint::Embeddings;
+        let upstream_body = request::upstream_body(&body, &head, Some(upstream_model), force_usage)?;
+        Ok(Prepared {
+            request_id: ctx.request_id.clone().unwrap_or_else(|| Arc::from("")),
+            key,
+            endpoint,
+            provider: pi,
+            model: mi,
+            strip_usage_chunk: force_usage && !head.include_usage,
+            head,
+            client_body: body,
+            upstream_body,
+            decision: ctx.decision,
+            started: ctx.started,
+            started_at_ms: ctx.started_at_ms,
+        })
+    }
+
+    fn models_body(&self, ctx: &Ctx) -> Bytes {
+        let mut data = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for p in &self.config.providers {
+            for m in &p.models {
+                let canonical = format!("{}/{}", p.name, m.name);
+                let allowed = ctx
+                    .key
+                    .as_ref()
+                    .is_none_or(|k| k.record.allows_model(&m.name, &canonical));
+                if !allowed {
+                    continue;
+                }
+                // The first provider offering a name serves the bare name; others
+                // stay reachable by their explicit provider/model form.
+                let id = if seen.insert(m.name.clone()) { m.name.clone() } else { canonical };
+                data.push(serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": p.name}));
+            }
+        }
+        Bytes::from(
+            serde_json::to_vec(&serde_json::json!({"object": "list", "data": data}))
+                .unwrap_or_default(),
+        )
+    }
+
+    /// Hands a call whose body exceeds the replay buffer to a subrequest that reads
+    /// the prepared body from memory; the subrequest runs every upstream phase.
+    async fn delegate(&self, session: &mut Session, ctx: &mut Ctx, prepared: Prepared) -> Result<bool> {
+        let Some(spawner) = session.subrequest_spawner.as_ref() else {
+            return self.refuse(session, ctx, ProxyError::Internal).await;
+        };
+        let body = prepared.upstream_body.clone();
+        let sub_ctx = SubrequestCtx::builder()
+            .body_mode(BodyMode::ExpectBody)
+            .user_ctx(Box::new(parking_lot::Mutex::new(Some(prepared))))
+            .build();
+        let (sub, handle) = spawner.create_subrequest(session.as_downstream(), sub_ctx);
+        ctx.delegated = true;
+        match pipe_subrequest(
+            session,
+            sub,
+            handle,
+            |t| Ok(Some(t)),
+            InputBodyType::Preset(InputBody::Bytes(vec![body])),
+        )
+        .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                if !e.state.header_received && session.response_written().is_none() {
+                    let err = map_upstream_error(&e.error);
+                    respond_json(session, err.status(), err.body(), ctx, None).await?;
+                }
+                log::debug!("subrequest ended with {}", e.error);
+                Ok(true)
+            }
+        }
+    }
+
+    fn build_usage(&self, ctx: &mut Ctx, status: u16) -> Option<(UsageRecord, Option<CountJob>)> {
+        let key = ctx.key.as_ref()?;
+        let endpoint = ctx.endpoint?;
+        let latency_ms = ctx.started.elapsed().as_millis() as u64;
+        let ttfb_ms = ctx
+            .first_byte
+            .map(|t| t.saturating_duration_since(ctx.started).as_millis() as u64);
+        let mut row = UsageRecord {
+            request_id: ctx.request_id.as_deref().unwrap_or_default().to_owned(),
+            key_id: key.record.id.clone(),
+            model: String::new(),
+            provider: String::new(),
+            endpoint: endpoint.path().to_owned(),
+            prompt_tokens: 0,
+            cached_prompt_tokens: 0,
+            completion_tokens: 0,
+            cost_pusd: 0,
+            input_price_micros: 0,
+            output_price_micros: 0,
+            status,
+            stream: false,
+            token_source: TokenSource::None,
+            started_at_ms: ctx.started_at_ms,
+            latency_ms,
+            ttfb_ms,
+            error: ctx
+                .refusal
+                .as_ref()
+                .map(|e| e.code())
+                .or(ctx.failure)
+                .map(str::to_owned),
+        };
+        let Some(p) = ctx.prepared.as_ref() else {
+            return Some((row, None));
+        };
+        let provider = self.config.providers.get(p.provider)?;
+        let model = provider.models.get(p.model)?;
+        row.model = model.name.clone();
+        row.provider = provider.name.clone();
+        row.stream = p.head.stream;
+        row.input_price_micros = model.input_price.micros_per_mtok as i64;
+        row.output_price_micros = model.output_price.micros_per_mtok as i64;
+        if ctx.upstream_status.is_none() {
+            // Never reached the provider: nothing to bill.
+            return Some((row, None));
+        }
+        let upstream_ok = ctx.upstream_status.is_some_and(|s| (200..300).contains(&s));
+        let tok = tokenizer_of(model);
+        let job = match std::mem::take(&mut ctx.response) {
+            ResponseAccounting::Stream(mut acc) => {
+                acc.finish(None);
+                let cut = !ctx.response_complete || ctx.failure.is_some();
+                match acc.usage() {
+                    Some(u) if !cut || acc.saw_done() => {
+                        apply_provider_usage(&mut row, u);
+                        None
+                    }
+                    _ if !upstream_ok => None,
+                    _ => {
+                        row.token_source = if cut { TokenSource::Partial } else { TokenSource::Counted };
+                        row.completion_tokens = acc.counted_completion_tokens(tok);
+                        Some(CountJob::Prompt(tok, p.endpoint, p.client_body.clone()))
+                    }
+                }
+            }
+            ResponseAccounting::Json { buf, overflow } => match usage_from_response_body(&buf) {
+                Some(u) => {
+                    apply_provider_usage(&mut row, u);
+                    None
+                }
+                None if !upstream_ok || overflow => None,
+                None => {
+                    row.token_source = if ctx.response_complete { TokenSource::Counted } else { TokenSource::Partial };
+                    Some(CountJob::PromptAndResponse(tok, p.endpoint, p.client_body.clone(), Bytes::from(buf)))
+                }
+            },
+            ResponseAccounting::None => None,
+        };
+        Some((row, job))
+    }
+
+    fn finish_row(&self, ctx: &Ctx, row: &mut UsageRecord) {
+        if let Some(p) = ctx.prepared.as_ref() {
+            if let Some(model) = self
+                .config
+                .providers
+                .get(p.provider)
+                .and_then(|pr| pr.models.get(p.model))
+            {
+                row.cost_pusd = usage_mod::cost_pusd(
+                    row.prompt_tokens,
+                    row.cached_prompt_tokens,
+                    row.completion_tokens,
+                    model.input_price.micros_per_mtok,
+                    model.cached_input_price.map(|c| c.micros_per_mtok),
+                    model.output_price.micros_per_mtok,
+                );
+            }
+        }
+    }
+}
+
+/// Counting work deferred to `logging` (it may be large; it never runs in a body filter).
+enum CountJob {
+    Prompt(Tokenizer, Endpoint, Bytes),
+    PromptAndResponse(Tokenizer, Endpoint, Bytes, Bytes),
+}
+
+impl CountJob {
+    fn run(self) -> (u64, Option<u64>) {
+        use crate::tokens::count;
+        let prompt = |tok, ep, body: &[u8]| -> u64 {
+            let r = match ep {
+                Endpoint::ChatCompletions => count::count_chat_prompt(tok, body),
+                Endpoint::Completions => count::count_completion_prompt(tok, body),
+                Endpoint::Embeddings => count::count_embedding_input(tok, body),
+            };
+            r.unwrap_or(0)
+        };
+        match self {
+            CountJob::Prompt(tok, ep, body) => (prompt(tok, ep, &body), None),
+            CountJob::PromptAndResponse(tok, ep, body, resp) => {
+                let completion = match ep {
+                    Endpoint::ChatCompletions => count::count_chat_completion_response(tok, &resp).unwrap_or(0),
+                    Endpoint::Completions => count::count_text_completion_response(tok, &resp).unwrap_or(0),
+                    Endpoint::Embeddings => 0,
+                };
+                (prompt(tok, ep, &body), Some(completion))
+            }
+        }
+    }
+
+    fn size(&self) -> usize {
+        match self {
+            CountJob::Prompt(_, _, b) => b.len(),
+            CountJob::PromptAndResponse(_, _, b, r) => b.len() + r.len(),
+        }
+    }
+}
+
+fn apply_provider_usage(row: &mut UsageRecord, u: Usage) {
+    row.token_source = TokenSource::Provider;
+    row.prompt_tokens = u.prompt_tokens;
+    row.cached_prompt_tokens = u.cached_prompt_tokens;
+    row.completion_tokens = u.completion_tokens;
+}
+
+/// Maps a Pingora error from the upstream side to the client-facing error.
+fn map_upstream_error(e: &Error) -> ProxyError {
+    match e.etype() {
+        ErrorType::HTTPStatus(413) => ProxyError::PayloadTooLarge(0),
+        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+            ProxyError::UpstreamTimeout
+        }
+        _ => match e.esource() {
+            ErrorSource::Upstream => ProxyError::UpstreamUnreachable,
+            _ => ProxyError::Internal,
+        },
+    }
+}
+
+fn upstream_error_kind(e: &Error) -> &'static str {
+    match e.etype() {
+        ErrorType::ConnectTimedout => "connect_timeout",
+        ErrorType::ReadTimedout | ErrorType::WriteTimedout => "timeout",
+        ErrorType::ConnectRefused | ErrorType::ConnectNoRoute | ErrorType::ConnectError => "connect",
+        ErrorType::TLSHandshakeFailure | ErrorType::InvalidCert | ErrorType::TLSWantX509Lookup => "tls",
+        ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError => "reset",
+        _ => "other",
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx::new()
+    }
+
+    fn allow_spawning_subrequest(&self, session: &Session, _ctx: &Ctx) -> bool {
+        session.subrequest_ctx.is_none()
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        // A subrequest carries everything the parent established; it only goes upstream.
+        if let Some(sub) = session.subrequest_ctx.as_mut() {
+            let prepared = sub
+                .user_ctx_mut()
+                .and_then(|u| u.downcast_mut::<parking_lot::Mutex<Option<Prepared>>>())
+                .and_then(|m| m.lock().take());
+            let Some(p) = prepared else {
+                return self.refuse(session, ctx, ProxyError::Internal).await;
+            };
+            ctx.started = p.started;
+            ctx.started_at_ms = p.started_at_ms;
+            ctx.request_id = Some(p.request_id.clone());
+            ctx.key = Some(p.key.clone());
+            ctx.endpoint = Some(p.endpoint);
+            ctx.decision = p.decision;
+            ctx.prepared = Some(p);
+            return Ok(false);
+        }
+
+        ctx.request_id = Some(Arc::from(usage_mod::new_request_id(ctx.started_at_ms)));
+        let route = {
+            let req = session.req_header();
+            request::route(req.method.as_str(), req.uri.path())
+        };
+        let route = match route {
+            Ok(r) => r,
+            Err(e) => return self.refuse(session, ctx, e).await,
+        };
+        if route == Route::Health {
+            respond_json(session, 200, Bytes::from_static(br#"{"status":"ok"}"#), ctx, None).await?;
+            return Ok(true);
+        }
+        let auth = session
+            .req_header()
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        let key = match self.keys.authenticate(auth, usage_mod::now_ms()).await {
+            Ok(k) => k,
+            Err(AuthError::Unavailable) => {
+                return self.refuse(session, ctx, ProxyError::KeyStoreUnavailable).await
+            }
+            Err(e) => return self.refuse(session, ctx, ProxyError::Auth(e)).await,
+        };
+        let tier_rpm = self
+            .config
+            .tier(&key.record.tier)
+            .and_then(|t| t.requests_per_minute);
+        ctx.key = Some(key);
+        let Route::Proxy(endpoint) = route else {
+            let body = self.models_body(ctx);
+            respond_json(session, 200, body, ctx, None).await?;
+            return Ok(true);
+        };
+        ctx.endpoint = Some(endpoint);
+        let key_id = ctx.key.as_ref().map(|k| k.record.id.as_str()).unwrap_or_default();
+        ctx.decision = self.limiter.check_requests(key_id, tier_rpm);
+        if let Some(Decision::Deny(_)) = ctx.decision {
+            metrics::RATE_LIMITED.with_label_values(&["requests_per_minute"]).inc();
+            return self.refuse(session, ctx, ProxyError::RateLimited("requests per minute")).await;
+        }
+        let prepared = match self.prepare(session, ctx, endpoint).await {
+            Ok(p) => p,
+            Err(e) => return self.refuse(session, ctx, e).await,
+        };
+        if prepared.client_body.len() > REPLAY_LIMIT || session.retry_buffer_truncated() {
+            ctx.prepared = Some(prepared.clone());
+            return self.delegate(session, ctx, prepared).await;
+        }
+        ctx.prepared = Some(prepared);
+        Ok(false)
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let p = ctx
+            .prepared
+            .as_ref()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no prepared request"))?;
+        let up = self
+            .upstreams
+            .get(p.provider)
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "unknown provider"))?;
+        let addr = up.pick().ok_or_else(|| {
+            Error::explain(ErrorType::ConnectNoRoute, "provider address not resolved")
+                .into_up()
+        })?;
+        let mut peer = HttpPeer::new(addr, up.tls, up.sni.clone());
+        let t = &self.config.upstream;
+        peer.options.connection_timeout = Some(t.connect);
+        peer.options.total_connection_timeout = Some(t.connect * 2);
+        // Pingora times each upstream read separately. For a non-streamed call the one
+        // long wait is for the response header (the whole generation); for a stream,
+        // reads are the header and then the gaps between chunks.
+        peer.options.read_timeout = Some(if p.head.stream {
+            t.first_byte.max(t.idle)
+        } else {
+            t.first_byte
+        });
+        peer.options.write_timeout = Some(t.idle);
+        peer.options.idle_timeout = Some(Duration::from_secs(60));
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        req: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let p = ctx
+            .prepared
+            .as_ref()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no prepared request"))?;
+        let up = self
+            .upstreams
+            .get(p.provider)
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "unknown provider"))?;
+        let path = format!("{}{}", up.path_prefix, p.endpoint.upstream_suffix());
+        let uri = http::Uri::try_from(path)
+            .map_err(|_| Error::explain(ErrorType::InternalError, "bad upstream path"))?;
+        req.set_uri(uri);
+        req.insert_header("host", up.host.clone())?;
+        // The client's gateway key must never leave the gateway.
+        req.remove_header("authorization");
+        req.remove_header("api-key");
+        req.remove_header("x-api-key");
+        req.remove_header("openai-organization");
+        req.remove_header("openai-project");
+        if let Some(a) = &up.auth {
+            req.insert_header("authorization", a.clone())?;
+        }
+        for (k, v) in &up.headers {
+            req.insert_header(k.clone(), v.clone())?;
+        }
+        // We read usage out of the response; a compressed one would be opaque.
+        req.insert_header("accept-encoding", "identity")?;
+        req.remove_header("transfer-encoding");
+        req.insert_header("content-length", p.upstream_body.len().to_string())?;
+        Ok(())
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        // The client's body was read (and possibly rewritten) in request_filter;
+        // whatever Pingora replays is replaced by the prepared upstream body.
+        if let Some(p) = ctx.prepared.as_ref() {
+            *body = Some(if end_of_stream {
+                p.upstream_body.clone()
+            } else {
+                Bytes::new()
+            });
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        ctx.first_byte.get_or_insert_with(std::time::Instant::now);
+        ctx.upstream_status = Some(resp.status.as_u16());
+        let is_sse = resp
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        let strip = ctx.prepared.as_ref().is_some_and(|p| p.strip_usage_chunk);
+        if is_sse {
+            ctx.response = ResponseAccounting::Stream(Box::new(StreamAccounting::new(SSE_EVENT_LIMIT)));
+            if strip {
+                // We drop the usage event the client did not ask for: the length changes.
+                resp.remove_header("content-length");
+            }
+        } else {
+            ctx.response = ResponseAccounting::Json { buf: Vec::new(), overflow: false };
+        }
+        if let Some(id) = &ctx.request_id {
+            resp.insert_header("x-request-id", id.as_ref())?;
+        }
+        if let Some(d) = &ctx.decision {
+            rate_headers(resp, d)?;
+        }
+        Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<Duration>> {
+        let strip = ctx.prepared.as_ref().is_some_and(|p| p.strip_usage_chunk);
+        match &mut ctx.response {
+            ResponseAccounting::Stream(acc) => {
+                if strip {
+                    let mut out = Vec::new();
+                    if let Some(chunk) = body.as_ref() {
+                        acc.observe_filtering(chunk, &mut out);
+                    }
+                    if end_of_stream {
+                        acc.finish(Some(&mut out));
+                    }
+                    *body = Some(Bytes::from(out));
+                } else if let Some(chunk) = body.as_ref() {
+                    acc.observe(chunk);
+                }
+            }
+            ResponseAccounting::Json { buf, overflow } => {
+                if let Some(chunk) = body.as_ref() {
+                    if !*overflow && buf.len() + chunk.len() <= JSON_ACCOUNTING_LIMIT {
+                        buf.extend_from_slice(chunk);
+                    } else {
+                        *overflow = true;
+                        buf.clear();
+                    }
+                }
+            }
+            ResponseAccounting::None => {}
+        }
+        if end_of_stream {
+            ctx.response_complete = true;
+        }
+        Ok(None)
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let client_gone = e.esource() == &ErrorSource::Downstream
+            && matches!(e.etype(), ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed);
+        if client_gone {
+            ctx.failure = Some("client_closed");
+            return FailToProxy { error_code: 0, can_reuse_downstream: false };
+        }
+        let err = match e.etype() {
+            ErrorType::HTTPStatus(code) => {
+                // Produced by us; the response (if any) was already written.
+                ctx.failure = Some("refused");
+                return FailToProxy { error_code: *code, can_reuse_downstream: false };
+            }
+            _ => map_upstream_error(e),
+        };
+        if e.esource() == &ErrorSource::Upstream {
+            metrics::UPSTREAM_ERRORS.with_label_values(&[upstream_error_kind(e)]).inc();
+        }
+        ctx.failure = Some(err.code());
+        let code = err.status();
+        if session.response_written().is_none() {
+            if let Err(we) = respond_json(session, code, err.body(), ctx, None).await {
+                log::debug!("could not send error response: {we}");
+            }
+            return FailToProxy { error_code: code, can_reuse_downstream: false };
+        }
+        // Headers are out. For a stream, say so in-band rather than end silently,
+        // which a client would take for a complete answer.
+        if matches!(ctx.response, ResponseAccounting::Stream(_)) && !ctx.stream_error_sent {
+            ctx.stream_error_sent = true;
+            if let Err(we) = session.write_response_body(Some(err.sse_event()), true).await {
+                log::debug!("could not send in-band error: {we}");
+            }
+        }
+        FailToProxy { error_code: code, can_reuse_downstream: false }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        if ctx.delegated {
+            return;
+        }
+        let status = session
+            .response_written()
+            .map(|h| h.status.as_u16())
+            .unwrap_or(0);
+        if let Some(err) = e {
+            if ctx.failure.is_none() {
+                ctx.failure = Some(if err.esource() == &ErrorSource::Downstream { "client_closed" } else { "upstream_error" });
+            }
+        }
+        let model_label = ctx
+            .prepared
+            .as_ref()
+            .and_then(|p| self.config.providers.get(p.provider).and_then(|pr| pr.models.get(p.model)))
+            .map(|m| m.name.clone())
+            .unwrap_or_else(|| "unknown".to_owned());
+        metrics::REQUESTS
+            .with_label_values(&[model_label.as_str(), status_label(status)])
+            .inc();
+        metrics::REQUEST_DURATION.observe(ctx.started.elapsed().as_secs_f64());
+        if let Some(fb) = ctx.first_byte {
+            metrics::TTFT.observe(fb.saturating_duration_since(ctx.started).as_secs_f64());
+        }
+        let Some((mut row, job)) = self.build_usage(ctx, status) else {
+            return;
+        };
+        if let Some(job) = job {
+            let (prompt, completion) = if job.size() > INLINE_COUNT_LIMIT {
+                tokio::task::spawn_blocking(move || job.run()).await.unwrap_or((0, None))
+            } else {
+                job.run()
+            };
+            row.prompt_tokens = prompt;
+            if let Some(c) = completion {
+                row.completion_tokens = c;
+            }
+        }
+        self.finish_row(ctx, &mut row);
+        if row.token_source != TokenSource::None {
+            metrics::TOKENS.with_label_values(&[model_label.as_str(), "prompt"]).inc_by(row.prompt_tokens);
+            metrics::TOKENS.with_label_values(&[model_label.as_str(), "completion"]).inc_by(row.completion_tokens);
+            metrics::COST_USD
+                .with_label_values(&[model_label.as_str()])
+                .inc_by(row.cost_pusd as f64 / 1e12);
+        }
+        self.usage.record(row);
+    }
+}
+
+fn status_label(status: u16) -> &'static str {
+    match status {
+        0 => "0",
+        200 => "200",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        413 => "413",
+        429 => "429",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        s if s < 300 => "2xx",
+        s if s < 400 => "3xx",
+        s if s < 500 => "4xx",
+        _ => "5xx",
+    }
+}

@@ -1,0 +1,280 @@
+//! Pure request handling: which API a path is, what a body asks for, and the body
+//! the provider should receive.
+//!
+//! Nothing here touches a `Session`; the proxy phases call these with bytes.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::error::ProxyError;
+
+/// The OpenAI APIs the gateway proxies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `POST /v1/chat/completions`
+    ChatCompletions,
+    /// `POST /v1/completions`
+    Completions,
+    /// `POST /v1/embeddings`
+    Embeddings,
+}
+
+impl Endpoint {
+    /// The client-facing path.
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "/v1/chat/completions",
+            Endpoint::Completions => "/v1/completions",
+            Endpoint::Embeddings => "/v1/embeddings",
+        }
+    }
+
+    /// The path below the provider's base URL.
+    pub fn upstream_suffix(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "/chat/completions",
+            Endpoint::Completions => "/completions",
+            Endpoint::Embeddings => "/embeddings",
+        }
+    }
+}
+
+/// What a request line asks of the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// `GET /healthz`
+    Health,
+    /// `GET /v1/models`
+    Models,
+    /// A proxied API call.
+    Proxy(Endpoint),
+}
+
+/// Routes a method and path (query string ignored; a trailing slash tolerated).
+pub fn route(method: &str, path: &str) -> Result<Route, ProxyError> {
+    let path = path.split('?').next().unwrap_or(path);
+    let path = if path.len() > 1 {
+        path.strip_suffix('/').unwrap_or(path)
+    } else {
+        path
+    };
+    let (want_get, route) = match path {
+        "/healthz" => (true, Route::Health),
+        "/v1/models" => (true, Route::Models),
+        "/v1/chat/completions" => (false, Route::Proxy(Endpoint::ChatCompletions)),
+        "/v1/completions" => (false, Route::Proxy(Endpoint::Completions)),
+        "/v1/embeddings" => (false, Route::Proxy(Endpoint::Embeddings)),
+        _ => return Err(ProxyError::NotFound),
+    };
+    let ok = if want_get {
+        method == "GET" || method == "HEAD"
+    } else {
+        method == "POST"
+    };
+    if ok {
+        Ok(route)
+    } else {
+        Err(ProxyError::MethodNotAllowed)
+    }
+}
+
+/// The fields of a request body the gateway acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestHead {
+    /// The `model` as sent.
+    pub model: String,
+    /// `stream: true`.
+    pub stream: bool,
+    /// Whether the body carries a `stream_options` object at all.
+    pub has_stream_options: bool,
+    /// `stream_options.include_usage` as sent by the client.
+    pub include_usage: bool,
+}
+
+#[derive(Deserialize)]
+struct Head<'a> {
+    #[serde(borrow)]
+    model: Option<Cow<'a, str>>,
+    stream: Option<Value>,
+    stream_options: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct ModelAny {
+    model: Option<Value>,
+}
+
+/// Reads the fields the gateway needs; `model` may stand anywhere in the object.
+pub fn parse_head(body: &[u8]) -> Result<RequestHead, ProxyError> {
+    if body.iter().all(|b| b.is_ascii_whitespace()) {
+        return Err(ProxyError::EmptyBody);
+    }
+    let head: Head<'_> = match serde_json::from_slice(body) {
+        Ok(h) => h,
+        Err(e) => return Err(classify_json_error(body, e)),
+    };
+    let model = match head.model {
+        Some(m) if !m.is_empty() => m.into_owned(),
+        Some(_) => return Err(ProxyError::InvalidField("model", "must not be empty")),
+        None => return Err(ProxyError::MissingModel),
+    };
+    let stream = match head.stream {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => b,
+        Some(_) => return Err(ProxyError::InvalidField("stream", "must be a boolean")),
+    };
+    let (has_stream_options, include_usage) = match head.stream_options {
+        None | Some(Value::Null) => (false, false),
+        Some(Value::Object(o)) => match o.get("include_usage") {
+            None | Some(Value::Null) => (true, false),
+            Some(Value::Bool(b)) => (true, *b),
+            Some(_) => {
+                return Err(ProxyError::InvalidField(
+                    "stream_options.include_usage",
+                    "must be a boolean",
+                ))
+            }
+        },
+        Some(_) => {
+            return Err(ProxyError::InvalidField(
+                "stream_options",
+                "must be an object",
+            ))
+        }
+    };
+    Ok(RequestHead {
+        model,
+        stream,
+        has_stream_options,
+        include_usage,
+    })
+}
+
+fn classify_json_error(body: &[u8], e: serde_json::Error) -> ProxyError {
+    if e.is_data() {
+        // Valid JSON, wrong shape: say which.
+        if let Ok(m) = serde_json::from_slice::<ModelAny>(body) {
+            if m.model.as_ref().is_some_and(|v| !v.is_string() && !v.is_null()) {
+                return ProxyError::InvalidField("model", "must be a string");
+            }
+        }
+        return ProxyError::InvalidJson("the body must be a JSON object".into());
+    }
+    ProxyError::InvalidJson(e.to_string())
+}
+
+/// The body to send upstream: the model renamed to the provider's name and/or
+/// `stream_options.include_usage` forced on. Returns the input unchanged (no copy)
+/// when neither applies.
+pub fn upstream_body(
+    body: &Bytes,
+    head: &RequestHead,
+    upstream_model: Option<&str>,
+    force_include_usage: bool,
+) -> Result<Bytes, ProxyError> {
+    let rename = upstream_model.is_some_and(|m| m != head.model);
+    let inject = force_include_usage && !head.include_usage;
+    if !rename && !inject {
+        return Ok(body.clone());
+    }
+    if !rename && !head.has_stream_options {
+        // Splicing a member after the opening brace keeps the client's bytes and key
+        // order and costs one copy, not a parse and re-serialisation of a large body.
+        let start = body
+            .iter()
+            .position(|b| !b.is_ascii_whitespace())
+            .ok_or(ProxyError::EmptyBody)?;
+        if body.get(start) == Some(&b'{') {
+            const MEMBER: &[u8] = br#""stream_options":{"include_usage":true},"#;
+            let mut out = Vec::with_capacity(body.len() + MEMBER.len());
+            out.extend_from_slice(&body[..=start]);
+            out.extend_from_slice(MEMBER);
+            out.extend_from_slice(&body[start + 1..]);
+            return Ok(Bytes::from(out));
+        }
+    }
+    let mut v: Value =
+        serde_json::from_slice(body).map_err(|e| ProxyError::InvalidJson(e.to_string()))?;
+    let obj = v
+        .as_object_mut()
+        .ok_or_else(|| ProxyError::InvalidJson("the body must be a JSON object".into()))?;
+    if let Some(m) = upstream_model.filter(|_| rename) {
+        obj.insert("model".into(), Value::String(m.to_owned()));
+    }
+    if inject {
+        let so = obj
+            .entry("stream_options")
+            .or_insert_with(|| Value::Object(Default::default()));
+        if !so.is_object() {
+            *so = Value::Object(Default::default());
+        }
+        if let Some(o) = so.as_object_mut() {
+            o.insert("include_usage".into(), Value::Bool(true));
+        }
+    }
+    serde_json::to_vec(&v)
+        .map(Bytes::from)
+        .map_err(|_| ProxyError::Internal)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        assert_eq!(route("GET", "/healthz"), Ok(Route::Health));
+        assert_eq!(route("GET", "/v1/models?x=1"), Ok(Route::Models));
+        assert_eq!(
+            route("POST", "/v1/chat/completions/"),
+            Ok(Route::Proxy(Endpoint::ChatCompletions))
+        );
+        assert_eq!(route("GET", "/v1/chat/completions"), Err(ProxyError::MethodNotAllowed));
+        assert_eq!(route("POST", "/admin"), Err(ProxyError::NotFound));
+        assert_eq!(route("POST", "/"), Err(ProxyError::NotFound));
+    }
+
+    #[test]
+    fn heads() {
+        let h = parse_head(br#"{"messages":[{"role":"user","content":"hi"}],"stream":true,"model":"gpt-4o-mini"}"#).unwrap();
+        assert_eq!(h.model, "gpt-4o-mini");
+        assert!(h.stream);
+        assert!(!h.include_usage);
+        let h = parse_head(br#"{"model":"m\u00e9","stream_options":{"include_usage":true}}"#).unwrap();
+        assert_eq!(h.model, "mé");
+        assert!(h.include_usage && h.has_stream_options);
+        assert_eq!(parse_head(b""), Err(ProxyError::EmptyBody));
+        assert_eq!(parse_head(b"  \n"), Err(ProxyError::EmptyBody));
+        assert!(matches!(parse_head(b"{"), Err(ProxyError::InvalidJson(_))));
+        assert!(matches!(parse_head(b"[1,2]"), Err(ProxyError::InvalidJson(_))));
+        assert!(matches!(parse_head(b"\xff\xfe"), Err(ProxyError::InvalidJson(_))));
+        assert_eq!(parse_head(b"{}"), Err(ProxyError::MissingModel));
+        assert_eq!(parse_head(br#"{"model":5}"#), Err(ProxyError::InvalidField("model", "must be a string")));
+        assert_eq!(parse_head(br#"{"model":"a","stream":"yes"}"#), Err(ProxyError::InvalidField("stream", "must be a boolean")));
+        assert_eq!(parse_head(br#"{"model":""}"#), Err(ProxyError::InvalidField("model", "must not be empty")));
+    }
+
+    #[test]
+    fn bodies() {
+        let raw = Bytes::from_static(br#"  {"model":"a","stream":true}"#);
+        let h = parse_head(&raw).unwrap();
+        let same = upstream_body(&raw, &h, None, false).unwrap();
+        assert_eq!(same, raw);
+        let spliced = upstream_body(&raw, &h, None, true).unwrap();
+        let v: Value = serde_json::from_slice(&spliced).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["model"], "a");
+        let renamed = upstream_body(&raw, &h, Some("b"), true).unwrap();
+        let v: Value = serde_json::from_slice(&renamed).unwrap();
+        assert_eq!(v["model"], "b");
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        let raw = Bytes::from_static(br#"{"model":"a","stream":true,"stream_options":{"include_usage":false}}"#);
+        let h = parse_head(&raw).unwrap();
+        let v: Value = serde_json::from_slice(&upstream_body(&raw, &h, None, true).unwrap()).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+    }
+}

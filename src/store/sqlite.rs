@@ -1,0 +1,384 @@
+//! The embedded default store: SQLite through rusqlite, in WAL mode.
+//!
+//! SQLite calls block, so each runs on tokio's blocking pool behind one mutex-guarded
+//! connection. WAL mode plus a busy timeout lets the CLI change keys while a server
+//! runs on the same file; the server sees the change through the `rev` change feed.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::{ReportRow, Store, StoreError, UsageQuery};
+use crate::keys::KeyRecord;
+use crate::usage::{TokenSource, UsageRecord};
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE IF NOT EXISTS api_keys (
+    id            TEXT PRIMARY KEY,
+    name          TEXT,
+    owner         TEXT,
+    project       TEXT,
+    tier          TEXT NOT NULL,
+    models        TEXT NOT NULL DEFAULT '[]',
+    created_at_ms INTEGER NOT NULL,
+    expires_at_ms INTEGER,
+    revoked_at_ms INTEGER,
+    secret_hash   BLOB NOT NULL,
+    rev           INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS api_keys_rev ON api_keys(rev);
+CREATE TABLE IF NOT EXISTS usage (
+    request_id           TEXT PRIMARY KEY,
+    key_id               TEXT NOT NULL,
+    model                TEXT NOT NULL,
+    provider             TEXT NOT NULL,
+    endpoint             TEXT NOT NULL,
+    prompt_tokens        INTEGER NOT NULL,
+    cached_prompt_tokens INTEGER NOT NULL,
+    completion_tokens    INTEGER NOT NULL,
+    cost_pusd            INTEGER NOT NULL,
+    input_price_micros   INTEGER NOT NULL,
+    output_price_micros  INTEGER NOT NULL,
+    status               INTEGER NOT NULL,
+    stream               INTEGER NOT NULL,
+    token_source         TEXT NOT NULL,
+    started_at_ms        INTEGER NOT NULL,
+    latency_ms           INTEGER NOT NULL,
+    ttfb_ms              INTEGER,
+    error                TEXT
+);
+CREATE INDEX IF NOT EXISTS usage_started ON usage(started_at_ms);
+CREATE INDEX IF NOT EXISTS usage_key_started ON usage(key_id, started_at_ms);
+"#];
+
+/// SQLite-backed [`Store`].
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+    path: PathBuf,
+}
+
+fn db_err(e: rusqlite::Error) -> StoreError {
+    StoreError::Database(e.to_string())
+}
+
+impl SqliteStore {
+    /// Opens (creating parent directories) the database at `path`; `:memory:` is in-memory.
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let conn = if path.as_os_str() == ":memory:" {
+            Connection::open_in_memory().map_err(db_err)?
+        } else {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    StoreError::Database(format!("cannot create {}: {e}", dir.display()))
+                })?;
+            }
+            Connection::open(path).map_err(db_err)?
+        };
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(db_err)?;
+        // WAL lets readers (the CLI, reports) run while the server writes.
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db_err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(db_err)?;
+        Ok(SqliteStore {
+            conn: Arc::new(Mutex::new(conn)),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn with<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || f(&mut conn.lock()))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+}
+
+const KEY_COLS: &str = "id, name, owner, project, tier, models, created_at_ms, expires_at_ms, revoked_at_ms, secret_hash, rev";
+
+fn key_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRecord> {
+    let models: String = r.get(5)?;
+    let hash: Vec<u8> = r.get(9)?;
+    let mut secret_hash = [0u8; 32];
+    if hash.len() == 32 {
+        secret_hash.copy_from_slice(&hash);
+    }
+    Ok(KeyRecord {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        owner: r.get(2)?,
+        project: r.get(3)?,
+        tier: r.get(4)?,
+        models: serde_json::from_str(&models).unwrap_or_default(),
+        created_at_ms: r.get(6)?,
+        expires_at_ms: r.get(7)?,
+        revoked_at_ms: r.get(8)?,
+        secret_hash,
+        rev: r.get(10)?,
+    })
+}
+
+const USAGE_COLS: &str = "request_id, key_id, model, provider, endpoint, prompt_tokens, cached_prompt_tokens, completion_tokens, cost_pusd, input_price_micros, output_price_micros, status, stream, token_source, started_at_ms, latency_ms, ttfb_ms, error";
+
+fn usage_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UsageRecord> {
+    let source: String = r.get(13)?;
+    Ok(UsageRecord {
+        request_id: r.get(0)?,
+        key_id: r.get(1)?,
+        model: r.get(2)?,
+        provider: r.get(3)?,
+        endpoint: r.get(4)?,
+        prompt_tokens: r.get::<_, i64>(5)?.max(0) as u64,
+        cached_prompt_tokens: r.get::<_, i64>(6)?.max(0) as u64,
+        completion_tokens: r.get::<_, i64>(7)?.max(0) as u64,
+        cost_pusd: r.get(8)?,
+        input_price_micros: r.get(9)?,
+        output_price_micros: r.get(10)?,
+        status: r.get::<_, i64>(11)?.clamp(0, 999) as u16,
+        stream: r.get::<_, i64>(12)? != 0,
+        token_source: TokenSource::parse(&source).unwrap_or(TokenSource::None),
+        started_at_ms: r.get(14)?,
+        latency_ms: r.get::<_, i64>(15)?.max(0) as u64,
+        ttfb_ms: r.get::<_, Option<i64>>(16)?.map(|v| v.max(0) as u64),
+        error: r.get(17)?,
+    })
+}
+
+fn where_clause(q: &UsageQuery) -> (String, Vec<rusqlite::types::Value>) {
+    use rusqlite::types::Value;
+    let mut clauses = Vec::new();
+    let mut args = Vec::new();
+    if let Some(s) = q.since_ms {
+        clauses.push("started_at_ms >= ?");
+        args.push(Value::Integer(s));
+    }
+    if let Some(u) = q.until_ms {
+        clauses.push("started_at_ms < ?");
+        args.push(Value::Integer(u));
+    }
+    if let Some(k) = &q.key_id {
+        clauses.push("key_id = ?");
+        args.push(Value::Text(k.clone()));
+    }
+    let sql = if clauses.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", clauses.join(" AND "))
+    };
+    (sql, args)
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        self.with(|c| {
+            let tx = c
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(db_err)?;
+            let done: i64 = tx
+                .pragma_query_value(None, "user_version", |r| r.get(0))
+                .map_err(db_err)?;
+            for (i, m) in MIGRATIONS.iter().enumerate().skip(done.max(0) as usize) {
+                tx.execute_batch(m).map_err(db_err)?;
+                tx.pragma_update(None, "user_version", (i + 1) as i64)
+                    .map_err(db_err)?;
+            }
+            tx.commit().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn insert_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
+        let k = key.clone();
+        self.with(move |c| {
+            let tx = c
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(db_err)?;
+            let models = serde_json::to_string(&k.models).unwrap_or_else(|_| "[]".into());
+            let n = tx
+                .execute(
+                    &format!("INSERT OR IGNORE INTO api_keys ({KEY_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,(SELECT COALESCE(MAX(rev),0)+1 FROM api_keys))"),
+                    params![k.id, k.name, k.owner, k.project, k.tier, models, k.created_at_ms, k.expires_at_ms, k.revoked_at_ms, k.secret_hash.to_vec()],
+                )
+                .map_err(db_err)?;
+            if n == 0 {
+                return Err(StoreError::Conflict(format!("key id {} already exists", k.id)));
+            }
+            tx.commit().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn get_key(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let id = id.to_owned();
+        self.with(move |c| {
+            c.prepare_cached(&format!("SELECT {KEY_COLS} FROM api_keys WHERE id = ?"))
+                .map_err(db_err)?
+                .query_row([id], key_from_row)
+                .optional()
+                .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        self.with(|c| {
+            let mut st = c
+                .prepare_cached(&format!(
+                    "SELECT {KEY_COLS} FROM api_keys ORDER BY created_at_ms, id"
+                ))
+                .map_err(db_err)?;
+            let rows = st.query_map([], key_from_row).map_err(db_err)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn revoke_key(&self, id: &str, at_ms: i64) -> Result<bool, StoreError> {
+        let id = id.to_owned();
+        self.with(move |c| {
+            let tx = c
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(db_err)?;
+            let n = tx
+                .execute(
+                    "UPDATE api_keys SET revoked_at_ms = COALESCE(revoked_at_ms, ?1), rev = (SELECT COALESCE(MAX(rev),0)+1 FROM api_keys) WHERE id = ?2",
+                    params![at_ms, id],
+                )
+                .map_err(db_err)?;
+            tx.commit().map_err(db_err)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn keys_changed_since(&self, rev: i64) -> Result<Vec<KeyRecord>, StoreError> {
+        self.with(move |c| {
+            let mut st = c
+                .prepare_cached(&format!(
+                    "SELECT {KEY_COLS} FROM api_keys WHERE rev > ? ORDER BY rev"
+                ))
+                .map_err(db_err)?;
+            let rows = st.query_map([rev], key_from_row).map_err(db_err)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn max_key_rev(&self) -> Result<i64, StoreError> {
+        self.with(|c| {
+            c.query_row("SELECT COALESCE(MAX(rev),0) FROM api_keys", [], |r| {
+                r.get(0)
+            })
+            .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn insert_usage(&self, rows: &[UsageRecord]) -> Result<(), StoreError> {
+        let rows = rows.to_vec();
+        self.with(move |c| {
+            let tx = c
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(db_err)?;
+            {
+                let mut st = tx
+                    .prepare_cached(&format!(
+                        "INSERT OR IGNORE INTO usage ({USAGE_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+                    ))
+                    .map_err(db_err)?;
+                for r in &rows {
+                    st.execute(params![
+                        r.request_id,
+                        r.key_id,
+                        r.model,
+                        r.provider,
+                        r.endpoint,
+                        to_i64(r.prompt_tokens),
+                        to_i64(r.cached_prompt_tokens),
+                        to_i64(r.completion_tokens),
+                        r.cost_pusd,
+                        r.input_price_micros,
+                        r.output_price_micros,
+                        r.status as i64,
+                        r.stream as i64,
+                        r.token_source.as_str(),
+                        r.started_at_ms,
+                        to_i64(r.latency_ms),
+                        r.ttfb_ms.map(to_i64),
+                        r.error,
+                    ])
+                    .map_err(db_err)?;
+                }
+            }
+            tx.commit().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn query_usage(&self, q: &UsageQuery) -> Result<Vec<UsageRecord>, StoreError> {
+        let (w, args) = where_clause(q);
+        self.with(move |c| {
+            let mut st = c
+                .prepare(&format!(
+                    "SELECT {USAGE_COLS} FROM usage{w} ORDER BY started_at_ms, request_id"
+                ))
+                .map_err(db_err)?;
+            let rows = st
+                .query_map(rusqlite::params_from_iter(args), usage_from_row)
+                .map_err(db_err)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn usage_report(&self, q: &UsageQuery) -> Result<Vec<ReportRow>, StoreError> {
+        let (w, args) = where_clause(q);
+        self.with(move |c| {
+            // Costs are summed as text-free integers per group in Rust (i128) so that a
+            // large history cannot overflow SQLite's 64-bit SUM.
+            let mut st = c
+                .prepare(&format!(
+                    "SELECT key_id, model, COUNT(*), SUM(CASE WHEN status BETWEEN 200 AND 299 THEN 1 ELSE 0 END), \
+                     SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_pusd / 1000000), SUM(cost_pusd % 1000000) \
+                     FROM usage{w} GROUP BY key_id, model ORDER BY key_id, model"
+                ))
+                .map_err(db_err)?;
+            let rows = st
+                .query_map(rusqlite::params_from_iter(args), |r| {
+                    let hi: i64 = r.get(6)?;
+                    let lo: i64 = r.get(7)?;
+                    Ok(ReportRow {
+                        key_id: r.get(0)?,
+                        model: r.get(1)?,
+                        requests: r.get::<_, i64>(2)?.max(0) as u64,
+                        ok_requests: r.get::<_, i64>(3)?.max(0) as u64,
+                        prompt_tokens: r.get::<_, i64>(4)?.max(0) as u64,
+                        completion_tokens: r.get::<_, i64>(5)?.max(0) as u64,
+                        cost_pusd: (hi as i128) * 1_000_000 + lo as i128,
+                    })
+                })
+                .map_err(db_err)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
+        })
+        .await
+    }
+}

@@ -1,0 +1,615 @@
+//! Exact token counting with OpenAI's BPE encodings (tiktoken), and the
+//! prompt/response counting rules built on it.
+//!
+//! This module owns:
+//! - [`Tokenizer`]: the two supported encodings, loaded once per process.
+//! - Prompt counting for `/v1/chat/completions`, `/v1/completions` and
+//!   `/v1/embeddings` request bodies, following OpenAI's published method
+//!   (openai-cookbook, "How to count tokens with tiktoken").
+//! - Completion counting for non-streaming responses that carry no `usage`.
+//!
+//! Counts made here are a fallback: a provider-reported `usage` always wins
+//! (see [`crate::tokens::usage`]).
+
+use once_cell::sync::Lazy;
+use serde_json::{Map, Value};
+use tiktoken_rs::CoreBPE;
+
+/// One of the BPE encodings the gateway can count with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Tokenizer {
+    /// `o200k_base`: gpt-4o, gpt-4.1, o-series and later models.
+    O200kBase,
+    /// `cl100k_base`: gpt-4, gpt-3.5-turbo and the text-embedding-3 models.
+    Cl100kBase,
+}
+
+// One lazily-loaded BPE per encoding: building one parses a multi-megabyte
+// vocabulary, so it must happen once per process, never per call. A load
+// failure is stored as `None` (and logged) instead of panicking; startup calls
+// `warm_up` + `is_available` and refuses to start when an encoding is missing.
+static O200K_BASE: Lazy<Option<CoreBPE>> =
+    Lazy::new(|| load("o200k_base", tiktoken_rs::o200k_base));
+static CL100K_BASE: Lazy<Option<CoreBPE>> =
+    Lazy::new(|| load("cl100k_base", tiktoken_rs::cl100k_base));
+
+fn load<E: std::fmt::Display>(name: &str, build: fn() -> Result<CoreBPE, E>) -> Option<CoreBPE> {
+    match build() {
+        Ok(bpe) => Some(bpe),
+        Err(err) => {
+            log::error!("failed to load the {name} tokenizer: {err}");
+            None
+        }
+    }
+}
+
+impl Tokenizer {
+    /// Parses an encoding name as used in configuration (`"o200k_base"`,
+    /// `"cl100k_base"`).
+    pub fn from_name(name: &str) -> Option<Tokenizer> {
+        match name {
+            "o200k_base" => Some(Tokenizer::O200kBase),
+            "cl100k_base" => Some(Tokenizer::Cl100kBase),
+            _ => None,
+        }
+    }
+
+    /// The encoding's canonical name, the inverse of [`Tokenizer::from_name`].
+    pub fn name(self) -> &'static str {
+        match self {
+            Tokenizer::O200kBase => "o200k_base",
+            Tokenizer::Cl100kBase => "cl100k_base",
+        }
+    }
+
+    fn bpe(self) -> Option<&'static CoreBPE> {
+        match self {
+            Tokenizer::O200kBase => O200K_BASE.as_ref(),
+            Tokenizer::Cl100kBase => CL100K_BASE.as_ref(),
+        }
+    }
+
+    /// Forces the lazily-loaded encoding so that the first request does not
+    /// pay the (hundreds of milliseconds) load. Called once at startup.
+    pub fn warm_up(self) {
+        let _ = self.bpe();
+    }
+
+    /// Whether the encoding loaded. Startup calls [`Tokenizer::warm_up`] and
+    /// refuses to start when this is false, so at request time it is true.
+    pub fn is_available(self) -> bool {
+        self.bpe().is_some()
+    }
+
+    /// Number of tokens in `text`, encoded as ordinary text: special-token
+    /// strings such as `<|endoftext|>` inside user text are counted as the
+    /// plain text they are, as OpenAI does for API input.
+    ///
+    /// Returns 0 if the encoding failed to load; see [`Tokenizer::is_available`].
+    pub fn count(self, text: &str) -> u64 {
+        if text.is_empty() {
+            return 0;
+        }
+        match self.bpe() {
+            Some(bpe) => bpe.encode_ordinary(text).len() as u64,
+            None => 0,
+        }
+    }
+}
+
+/// Why a body could not be counted.
+#[derive(Debug, thiserror::Error)]
+pub enum CountError {
+    /// The body is not valid JSON.
+    #[error("invalid JSON body: {0}")]
+    InvalidJson(#[from] serde_json::Error),
+    /// The JSON is valid but a field the count needs is missing or has the
+    /// wrong type; the message names it.
+    #[error("unexpected body shape: {0}")]
+    UnexpectedShape(&'static str),
+    /// The encoding failed to load (startup should have refused to start).
+    #[error("tokenizer {0} is not available")]
+    TokenizerUnavailable(&'static str),
+}
+
+fn parse_object(tok: Tokenizer, body: &[u8]) -> Result<Map<String, Value>, CountError> {
+    if !tok.is_available() {
+        return Err(CountError::TokenizerUnavailable(tok.name()));
+    }
+    match serde_json::from_slice::<Value>(body)? {
+        Value::Object(map) => Ok(map),
+        _ => Err(CountError::UnexpectedShape("body is not a JSON object")),
+    }
+}
+
+// Cookbook constants for gpt-3.5-turbo-0613 and later, gpt-4, gpt-4o: every
+// message is framed as <|start|>{role/name}\n{content}<|end|>\n (3 tokens),
+// a `name` costs one more, and every reply is primed with
+// <|start|>assistant<|message|> (3 tokens).
+const TOKENS_PER_MESSAGE: u64 = 3;
+const TOKENS_PER_NAME: u64 = 1;
+const REPLY_PRIMING: u64 = 3;
+
+/// Counts the prompt tokens of a `/v1/chat/completions` request body.
+///
+/// Per message: 3 framing tokens, plus every top-level string value (role,
+/// content, name, tool_call_id, refusal, ...) encoded as text, plus 1 per
+/// `name`; then 3 tokens for the reply priming. Beyond the cookbook (which
+/// only handles string values) this also counts:
+/// - array content: the `text` of `text` parts and the `refusal` of
+///   `refusal` parts. Image, audio and file parts count 0: OpenAI bills
+///   images by tiles and audio by duration, and we do not estimate those.
+/// - `tool_calls[].function.name` / `.arguments` and the legacy
+///   `function_call.name` / `.arguments`, as plain strings.
+/// - `tools` / `functions` definitions, with the cookbook's
+///   `num_tokens_for_tools` approximation (see [`count_tool_definitions`]).
+pub fn count_chat_prompt(tok: Tokenizer, body: &[u8]) -> Result<u64, CountError> {
+    let req = parse_object(tok, body)?;
+    let messages = match req.get("messages") {
+        Some(Value::Array(messages)) => messages,
+        _ => return Err(CountError::UnexpectedShape("`messages` is not an array")),
+    };
+    let mut total = REPLY_PRIMING;
+    for message in messages {
+        total += count_message(tok, message)?;
+    }
+    total += count_tool_definitions(tok, &req);
+    Ok(total)
+}
+
+fn count_message(tok: Tokenizer, message: &Value) -> Result<u64, CountError> {
+    let Value::Object(fields) = message else {
+        return Err(CountError::UnexpectedShape("a message is not an object"));
+    };
+    let mut total = TOKENS_PER_MESSAGE;
+    for (key, value) in fields {
+        match (key.as_str(), value) {
+            (_, Value::String(s)) => {
+                total += tok.count(s);
+                if key == "name" {
+                    total += TOKENS_PER_NAME;
+                }
+            }
+            ("content", Value::Array(parts)) => {
+                for part in parts {
+                    total += count_content_part(tok, part);
+                }
+            }
+            ("tool_calls", Value::Array(calls)) => {
+                for call in calls {
+                    total += count_function_call(tok, call.get("function"));
+                }
+            }
+            ("function_call", call) => total += count_function_call(tok, Some(call)),
+            // null content, audio references, etc. carry no countable text.
+            _ => {}
+        }
+    }
+    Ok(total)
+}
+
+fn count_content_part(tok: Tokenizer, part: &Value) -> u64 {
+    let field = match part.get("type").and_then(Value::as_str) {
+        Some("text") => "text",
+        Some("refusal") => "refusal",
+        // image_url, input_audio, file: billed by OpenAI outside the text
+        // encoding (image tiles, audio duration); we do not estimate them.
+        _ => return 0,
+    };
+    part.get(field)
+        .and_then(Value::as_str)
+        .map_or(0, |s| tok.count(s))
+}
+
+fn count_function_call(tok: Tokenizer, function: Option<&Value>) -> u64 {
+    let Some(function) = function else { return 0 };
+    let name = function.get("name").and_then(Value::as_str).unwrap_or("");
+    let args = function
+        .get("arguments")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    tok.count(name) + tok.count(args)
+}
+
+/// Approximate token cost of the `tools` (and legacy `functions`)
+/// definitions of a chat request.
+///
+/// APPROXIMATE: OpenAI renders tool definitions into an undocumented
+/// TypeScript-like system message; this is the cookbook's widely used
+/// `num_tokens_for_tools` estimate: per function a fixed start cost, the
+/// count of `"{name}:{description}"`, and per top-level parameter property a
+/// fixed cost plus the count of `"{key}:{type}:{description}"` (and its enum
+/// values); a fixed end cost once. Nested object schemas beyond the first
+/// level are only represented by their type name. Issue 5 will make this exact.
+pub fn count_tool_definitions(tok: Tokenizer, request: &Map<String, Value>) -> u64 {
+    // (func_init, prop_init, prop_key, enum_init, enum_item, func_end) from the
+    // cookbook: the gpt-4o family (o200k) and the gpt-4 / 3.5 family (cl100k).
+    let (func_init, prop_init, prop_key, enum_init, enum_item, func_end): (
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+    ) = match tok {
+        Tokenizer::O200kBase => (7, 3, 3, -3, 3, 12),
+        Tokenizer::Cl100kBase => (10, 3, 3, -3, 3, 12),
+    };
+    let tools = request.get("tools").and_then(Value::as_array);
+    let functions = request.get("functions").and_then(Value::as_array);
+    let defs = tools
+        .into_iter()
+        .flatten()
+        .filter_map(|tool| tool.get("function"))
+        .chain(functions.into_iter().flatten());
+
+    let count = |s: &str| tok.count(s) as i64;
+    let mut total: i64 = 0;
+    let mut any = false;
+    let mut line = String::new();
+    for def in defs {
+        any = true;
+        total += func_init;
+        line.clear();
+        line.push_str(def.get("name").and_then(Value::as_str).unwrap_or(""));
+        line.push(':');
+        line.push_str(strip_period(
+            def.get("description").and_then(Value::as_str).unwrap_or(""),
+        ));
+        total += count(&line);
+        let props = def
+            .get("parameters")
+            .and_then(|p| p.get("properties"))
+            .and_then(Value::as_object);
+        let Some(props) = props.filter(|p| !p.is_empty()) else {
+            continue;
+        };
+        total += prop_init;
+        for (key, prop) in props {
+            total += prop_key;
+            if let Some(items) = prop.get("enum").and_then(Value::as_array) {
+                total += enum_init;
+                for item in items {
+                    total += enum_item;
+                    total += match item {
+                        Value::String(s) => count(s),
+                        other => count(&other.to_string()),
+                    };
+                }
+            }
+            line.clear();
+            line.push_str(key);
+            line.push(':');
+            match prop.get("type") {
+                Some(Value::String(t)) => line.push_str(t),
+                Some(other) => line.push_str(&other.to_string()),
+                None => {}
+            }
+            line.push(':');
+            line.push_str(strip_period(
+                prop.get("description")
+                    .and_then(Value::as_str)
+                    .unwrap_or(""),
+            ));
+            total += count(&line);
+        }
+    }
+    if any {
+        total += func_end;
+    }
+    total.max(0) as u64
+}
+
+fn strip_period(s: &str) -> &str {
+    s.strip_suffix('.').unwrap_or(s)
+}
+
+/// Counts the prompt tokens of a `/v1/completions` request body. `prompt` may
+/// be a string, an array of strings, an array of token ids (counted by
+/// length) or an array of arrays of token ids.
+pub fn count_completion_prompt(tok: Tokenizer, body: &[u8]) -> Result<u64, CountError> {
+    let req = parse_object(tok, body)?;
+    match req.get("prompt") {
+        Some(prompt) => count_text_or_tokens(tok, prompt),
+        None => Err(CountError::UnexpectedShape("`prompt` is missing")),
+    }
+}
+
+/// Counts the input tokens of a `/v1/embeddings` request body. `input` has
+/// the same shapes as a completions `prompt`.
+pub fn count_embedding_input(tok: Tokenizer, body: &[u8]) -> Result<u64, CountError> {
+    let req = parse_object(tok, body)?;
+    match req.get("input") {
+        Some(input) => count_text_or_tokens(tok, input),
+        None => Err(CountError::UnexpectedShape("`input` is missing")),
+    }
+}
+
+fn count_text_or_tokens(tok: Tokenizer, value: &Value) -> Result<u64, CountError> {
+    const SHAPE: &str = "expected a string, an array of strings, token ids, or arrays of token ids";
+    match value {
+        Value::String(s) => Ok(tok.count(s)),
+        Value::Array(items) => {
+            let mut total = 0;
+            for item in items {
+                total += match item {
+                    Value::String(s) => tok.count(s),
+                    Value::Number(n) if n.is_u64() => 1,
+                    Value::Array(ids) if ids.iter().all(|id| id.is_u64()) => ids.len() as u64,
+                    _ => return Err(CountError::UnexpectedShape(SHAPE)),
+                };
+            }
+            Ok(total)
+        }
+        _ => Err(CountError::UnexpectedShape(SHAPE)),
+    }
+}
+
+/// Counts the completion tokens of a non-streaming `/v1/chat/completions`
+/// response that carries no `usage`.
+///
+/// Per choice, `message.content`, `message.refusal`, then for each tool call
+/// its `function.name` and `function.arguments` (and the legacy
+/// `function_call`) are concatenated, in the order a stream delivers them,
+/// and the whole is counted once: the same text and the same count as
+/// [`crate::tokens::usage::StreamAccounting`] produces for the streamed form.
+pub fn count_chat_completion_response(tok: Tokenizer, body: &[u8]) -> Result<u64, CountError> {
+    let resp = parse_object(tok, body)?;
+    let mut text = String::new();
+    for choice in choices(&resp)? {
+        let Some(message) = choice.get("message") else {
+            continue;
+        };
+        push_str_field(&mut text, message, "content");
+        push_str_field(&mut text, message, "refusal");
+        let calls = message.get("tool_calls").and_then(Value::as_array);
+        let legacy = message.get("function_call");
+        let functions = calls
+            .into_iter()
+            .flatten()
+            .filter_map(|call| call.get("function"))
+            .chain(legacy);
+        for function in functions {
+            push_str_field(&mut text, function, "name");
+            push_str_field(&mut text, function, "arguments");
+        }
+    }
+    Ok(tok.count(&text))
+}
+
+/// Counts the completion tokens of a non-streaming `/v1/completions` response
+/// that carries no `usage`: the concatenated `choices[].text`, counted once.
+pub fn count_text_completion_response(tok: Tokenizer, body: &[u8]) -> Result<u64, CountError> {
+    let resp = parse_object(tok, body)?;
+    let mut text = String::new();
+    for choice in choices(&resp)? {
+        push_str_field(&mut text, choice, "text");
+    }
+    Ok(tok.count(&text))
+}
+
+fn choices(resp: &Map<String, Value>) -> Result<&[Value], CountError> {
+    match resp.get("choices") {
+        Some(Value::Array(choices)) => Ok(choices),
+        _ => Err(CountError::UnexpectedShape("`choices` is not an array")),
+    }
+}
+
+fn push_str_field(text: &mut String, object: &Value, field: &str) {
+    if let Some(s) = object.get(field).and_then(Value::as_str) {
+        text.push_str(s);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const BOTH: [Tokenizer; 2] = [Tokenizer::O200kBase, Tokenizer::Cl100kBase];
+
+    fn body(v: Value) -> Vec<u8> {
+        serde_json::to_vec(&v).unwrap()
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for tok in BOTH {
+            assert_eq!(Tokenizer::from_name(tok.name()), Some(tok));
+            tok.warm_up();
+            assert!(tok.is_available());
+        }
+        assert_eq!(Tokenizer::from_name("p50k_base"), None);
+    }
+
+    #[test]
+    fn known_counts() {
+        for tok in BOTH {
+            assert_eq!(tok.count("hello world"), 2);
+            assert_eq!(tok.count(""), 0);
+        }
+        // Special-token text in user input is ordinary text, never one token.
+        assert!(Tokenizer::O200kBase.count("<|endoftext|>") > 1);
+        assert!(Tokenizer::Cl100kBase.count("<|endoftext|>") > 1);
+    }
+
+    #[test]
+    fn pathological_text_does_not_panic() {
+        for tok in BOTH {
+            let spaces = " ".repeat(200_000);
+            assert!(tok.count(&spaces) > 0);
+            let letters = "a".repeat(200_000);
+            assert!(tok.count(&letters) > 0);
+            let mixed = "\u{1F44D}\u{1F3FD}\r\n\t\u{0}".repeat(20_000);
+            assert!(tok.count(&mixed) > 0);
+        }
+    }
+
+    fn cookbook_messages() -> Value {
+        json!([
+            {"role": "system", "content": "You are a helpful, pattern-following assistant that translates corporate jargon into plain English."},
+            {"role": "system", "name": "example_user", "content": "New synergies will help drive top-line growth."},
+            {"role": "system", "name": "example_assistant", "content": "Things working well together will increase revenue."},
+            {"role": "system", "name": "example_user", "content": "Let's circle back when we have more bandwidth to touch base on opportunities for increased leverage."},
+            {"role": "system", "name": "example_assistant", "content": "Let's talk later when we're less busy about how to do better."},
+            {"role": "user", "content": "This late pivot means we don't have time to boil the ocean for the client deliverable."},
+        ])
+    }
+
+    #[test]
+    fn cookbook_example_matches_published_counts() {
+        // The cookbook reports 129 prompt tokens for gpt-4-0613 / gpt-3.5
+        // (cl100k) and 124 for gpt-4o (o200k), each confirmed there against
+        // the API's usage.
+        let b = body(json!({"model": "m", "messages": cookbook_messages()}));
+        assert_eq!(count_chat_prompt(Tokenizer::Cl100kBase, &b).unwrap(), 129);
+        assert_eq!(count_chat_prompt(Tokenizer::O200kBase, &b).unwrap(), 124);
+    }
+
+    #[test]
+    fn chat_prompt_formula() {
+        for tok in BOTH {
+            let messages = cookbook_messages();
+            let mut expected = REPLY_PRIMING;
+            for m in messages.as_array().unwrap() {
+                expected += TOKENS_PER_MESSAGE;
+                for (k, v) in m.as_object().unwrap() {
+                    expected += tok.count(v.as_str().unwrap());
+                    if k == "name" {
+                        expected += TOKENS_PER_NAME;
+                    }
+                }
+            }
+            let b = body(json!({"messages": messages}));
+            assert_eq!(count_chat_prompt(tok, &b).unwrap(), expected);
+        }
+    }
+
+    #[test]
+    fn chat_prompt_parts_tool_calls_and_nulls() {
+        for tok in BOTH {
+            let b = body(json!({"messages": [
+                {"role": "user", "content": [
+                    {"type": "text", "text": "What is in this image?"},
+                    {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+                    {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+                    {"type": "text", "text": " 你好 👍🏽"}
+                ]},
+                {"role": "assistant", "content": null, "tool_calls": [
+                    {"id": "call_1", "type": "function",
+                     "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}
+                ]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}
+            ]}));
+            let c = |s: &str| tok.count(s);
+            let expected = REPLY_PRIMING
+                + (3 + c("user") + c("What is in this image?") + c(" 你好 👍🏽"))
+                + (3 + c("assistant") + c("get_weather") + c("{\"city\":\"Paris\"}"))
+                + (3 + c("tool") + c("call_1") + c("sunny"));
+            assert_eq!(count_chat_prompt(tok, &b).unwrap(), expected);
+        }
+    }
+
+    #[test]
+    fn tool_definitions_follow_cookbook_formula() {
+        let tok = Tokenizer::O200kBase;
+        let req = json!({"messages": [], "tools": [{"type": "function", "function": {
+            "name": "get_current_weather",
+            "description": "Get the current weather in a given location.",
+            "parameters": {"type": "object", "properties": {
+                "location": {"type": "string", "description": "The city and state."},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}
+            }, "required": ["location"]}
+        }}]});
+        let c = |s: &str| tok.count(s);
+        let expected = 7
+            + c("get_current_weather:Get the current weather in a given location")
+            + 3
+            + (3 + c("location:string:The city and state"))
+            // prop_key 3, enum_init -3, then enum_item 3 per value.
+            + (3 + 3 + c("celsius") + 3 + c("fahrenheit") - 3 + c("unit:string:"))
+            + 12;
+        assert_eq!(
+            count_tool_definitions(tok, req.as_object().unwrap()),
+            expected
+        );
+        let total = count_chat_prompt(tok, &body(req)).unwrap();
+        assert_eq!(total, REPLY_PRIMING + expected);
+        // No tools: nothing added, not even the end marker.
+        let none = json!({"messages": []});
+        assert_eq!(count_tool_definitions(tok, none.as_object().unwrap()), 0);
+    }
+
+    #[test]
+    fn completion_prompt_shapes() {
+        for tok in BOTH {
+            let c = |v: Value| count_completion_prompt(tok, &body(json!({"prompt": v})));
+            assert_eq!(c(json!("hello world")).unwrap(), 2);
+            assert_eq!(c(json!(["hello world", "hello world"])).unwrap(), 4);
+            assert_eq!(c(json!([1, 2, 3])).unwrap(), 3);
+            assert_eq!(c(json!([[1, 2], [3], []])).unwrap(), 3);
+            assert_eq!(c(json!([])).unwrap(), 0);
+            assert!(matches!(c(json!(5)), Err(CountError::UnexpectedShape(_))));
+            assert!(matches!(
+                c(json!([-1])),
+                Err(CountError::UnexpectedShape(_))
+            ));
+            assert!(matches!(
+                c(json!([[1.5]])),
+                Err(CountError::UnexpectedShape(_))
+            ));
+            assert!(matches!(
+                c(json!([{}])),
+                Err(CountError::UnexpectedShape(_))
+            ));
+            let e = |v: Value| count_embedding_input(tok, &body(json!({"input": v})));
+            assert_eq!(e(json!("hello world")).unwrap(), 2);
+            assert_eq!(e(json!([[5, 6, 7]])).unwrap(), 3);
+        }
+    }
+
+    #[test]
+    fn invalid_bodies_are_errors_not_panics() {
+        let tok = Tokenizer::O200kBase;
+        let bad: [&[u8]; 6] = [
+            b"",
+            b"{",
+            b"\xff\xfe",
+            b"[1,2]",
+            b"null",
+            b"{\"messages\":{}}",
+        ];
+        for b in bad {
+            assert!(count_chat_prompt(tok, b).is_err());
+            assert!(count_completion_prompt(tok, b).is_err());
+            assert!(count_embedding_input(tok, b).is_err());
+            assert!(count_chat_completion_response(tok, b).is_err());
+            assert!(count_text_completion_response(tok, b).is_err());
+        }
+        assert!(matches!(
+            count_chat_prompt(tok, b"{\"messages\":"),
+            Err(CountError::InvalidJson(_))
+        ));
+        assert!(matches!(
+            count_chat_prompt(tok, b"{\"messages\":[1]}"),
+            Err(CountError::UnexpectedShape(_))
+        ));
+    }
+
+    #[test]
+    fn chat_response_counts_concatenation_once() {
+        for tok in BOTH {
+            let b = body(json!({"choices": [
+                {"index": 0, "message": {"role": "assistant", "content": "Hello! 你好 👍🏽", "refusal": null}},
+                {"index": 1, "message": {"role": "assistant", "content": null, "tool_calls": [
+                    {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{\"a\": 1}"}}
+                ]}}
+            ]}));
+            let expected = tok.count("Hello! 你好 👍🏽f{\"a\": 1}");
+            assert_eq!(count_chat_completion_response(tok, &b).unwrap(), expected);
+            let t = body(json!({"choices": [{"text": "hello"}, {"text": " world"}]}));
+            assert_eq!(count_text_completion_response(tok, &t).unwrap(), 2);
+        }
+    }
+}

@@ -1,0 +1,977 @@
+//! Provider-reported usage extraction and streamed-completion accounting.
+//!
+//! This module owns:
+//! - [`Usage`] and [`usage_from_response_body`] for non-streaming bodies.
+//! - [`StreamAccounting`]: the per-response state that watches an OpenAI
+//!   style SSE stream, captures its `usage`, accumulates the completion text
+//!   (to count it when the provider reports no usage) and, in rewrite mode,
+//!   drops the usage-only chunk the gateway requested on the client's behalf.
+//!
+//! Event payloads are parsed with small borrowing visitors that read only the
+//! fields below and append strings straight into one reusable `String`, so a
+//! typical delta costs no allocation.
+
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+
+use super::count::Tokenizer;
+use super::sse::{SseEvent, SseEventSplitter, SseScanner};
+
+/// Token usage as reported by a provider.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// `usage.prompt_tokens`.
+    pub prompt_tokens: u64,
+    /// `usage.completion_tokens`; 0 when absent (embeddings).
+    pub completion_tokens: u64,
+    /// `usage.prompt_tokens_details.cached_tokens`; 0 when absent.
+    pub cached_prompt_tokens: u64,
+}
+
+/// Extracts `usage` from a non-streaming JSON response body (chat,
+/// completions or embeddings).
+///
+/// `None` when the body is not a JSON object, has no `usage`, or `usage` is
+/// null or malformed. An explicit usage of zeros is `Some` with zeros: a
+/// reported figure is never replaced by an estimate.
+pub fn usage_from_response_body(body: &[u8]) -> Option<Usage> {
+    #[derive(Deserialize)]
+    struct Body {
+        #[serde(default)]
+        usage: Option<RawUsage>,
+    }
+    serde_json::from_slice::<Body>(body)
+        .ok()?
+        .usage
+        .map(Usage::from)
+}
+
+#[derive(Deserialize)]
+struct RawUsage {
+    #[serde(default)]
+    prompt_tokens: Lenient,
+    #[serde(default)]
+    completion_tokens: Lenient,
+    #[serde(default)]
+    prompt_tokens_details: Option<RawDetails>,
+}
+
+#[derive(Deserialize)]
+struct RawDetails {
+    #[serde(default)]
+    cached_tokens: Lenient,
+}
+
+impl From<RawUsage> for Usage {
+    fn from(raw: RawUsage) -> Self {
+        Usage {
+            prompt_tokens: raw.prompt_tokens.0,
+            completion_tokens: raw.completion_tokens.0,
+            cached_prompt_tokens: raw.prompt_tokens_details.map_or(0, |d| d.cached_tokens.0),
+        }
+    }
+}
+
+/// A token count that tolerates the shapes OpenAI-compatible servers emit
+/// (`12`, `12.0`, `null`); anything else non-negative-integral reads as 0
+/// rather than failing the whole usage object.
+#[derive(Default)]
+struct Lenient(u64);
+
+impl<'de> Deserialize<'de> for Lenient {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Lenient;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a token count")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Lenient, E> {
+                Ok(Lenient(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Lenient, E> {
+                Ok(Lenient(u64::try_from(v).unwrap_or(0)))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Lenient, E> {
+                let ok = v.is_finite() && v >= 0.0 && v.fract() == 0.0 && v < u64::MAX as f64;
+                Ok(Lenient(if ok { v as u64 } else { 0 }))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Lenient, E> {
+                Ok(Lenient(0))
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Lenient, E> {
+                Ok(Lenient(0))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Accounting state for one streamed response (lives in the per-request
+/// context).
+///
+/// Feed every body chunk to [`StreamAccounting::observe`] (the caller
+/// forwards the chunk unchanged) or to [`StreamAccounting::observe_filtering`]
+/// (the caller forwards what it writes to `out`), then call
+/// [`StreamAccounting::finish`] once at end of stream. Never mix the two modes
+/// on one stream.
+#[derive(Debug)]
+pub struct StreamAccounting {
+    scanner: SseScanner,
+    splitter: SseEventSplitter,
+    tally: Tally,
+}
+
+#[derive(Debug, Default)]
+struct Tally {
+    text: String,
+    usage: Option<Usage>,
+    saw_done: bool,
+    saw_finish_reason: bool,
+    saw_error: bool,
+    events: u64,
+    unparsed_events: u64,
+}
+
+impl StreamAccounting {
+    /// New accounting state; `max_event_bytes` bounds the memory held for
+    /// one SSE event (see [`SseScanner::new`]).
+    pub fn new(max_event_bytes: usize) -> Self {
+        StreamAccounting {
+            scanner: SseScanner::new(max_event_bytes),
+            splitter: SseEventSplitter::new(max_event_bytes),
+            tally: Tally::default(),
+        }
+    }
+
+    /// Pass-through mode: accounts for `chunk`, which the caller forwards
+    /// unchanged.
+    pub fn observe(&mut self, chunk: &[u8]) {
+        let tally = &mut self.tally;
+        self.scanner.feed(chunk, |ev| {
+            tally.on_event(ev);
+        });
+    }
+
+    /// Rewrite mode: accounts for `chunk` and appends to `out` the bytes to
+    /// forward: every complete event byte-exact, except usage-only chunks
+    /// (`"choices": []` with a non-null `usage`), which are consumed here.
+    /// Bytes of an incomplete trailing event are held until it completes
+    /// (events larger than the bound are forwarded as they arrive).
+    pub fn observe_filtering(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        let Self {
+            scanner,
+            splitter,
+            tally,
+        } = self;
+        splitter.feed(chunk, |piece| {
+            // A complete piece ends with exactly one blank line, so feeding it
+            // dispatches at most one event, at its end.
+            let mut usage_only = false;
+            scanner.feed(piece.bytes, |ev| usage_only |= tally.on_event(ev));
+            if !(piece.complete && usage_only) {
+                out.extend_from_slice(piece.bytes);
+            }
+        });
+    }
+
+    /// End of stream. Dispatches a final event that lacked its blank line
+    /// (see [`SseScanner::finish`]). In rewrite mode pass `Some(out)`: it
+    /// receives the held trailing bytes, unless they form a usage-only chunk.
+    pub fn finish(&mut self, out: Option<&mut Vec<u8>>) {
+        let tally = &mut self.tally;
+        let mut usage_only = false;
+        let rest = self.splitter.flush_remaining();
+        self.scanner
+            .feed(&rest, |ev| usage_only |= tally.on_event(ev));
+        self.scanner.finish(|ev| usage_only |= tally.on_event(ev));
+        if let Some(out) = out {
+            if !usage_only {
+                out.extend_from_slice(&rest);
+            }
+        }
+    }
+
+    /// The last non-null `usage` object seen in the stream.
+    pub fn usage(&self) -> Option<Usage> {
+        self.tally.usage
+    }
+
+    /// Every delta's content, refusal, tool-call name and arguments (and
+    /// `/v1/completions` text), concatenated in arrival order.
+    pub fn completion_text(&self) -> &str {
+        &self.tally.text
+    }
+
+    /// Counts [`StreamAccounting::completion_text`] once as a whole: token
+    /// merges across delta boundaries make per-delta sums wrong, so the
+    /// result is the same whatever the chunking.
+    ///
+    /// Approximate where fields are joined (several choices, tool calls):
+    /// tokens may merge across the joins. Prefer [`StreamAccounting::usage`].
+    pub fn counted_completion_tokens(&self, tok: Tokenizer) -> u64 {
+        tok.count(&self.tally.text)
+    }
+
+    /// Whether `data: [DONE]` was seen.
+    pub fn saw_done(&self) -> bool {
+        self.tally.saw_done
+    }
+
+    /// Whether any choice carried a non-null `finish_reason`.
+    pub fn saw_finish_reason(&self) -> bool {
+        self.tally.saw_finish_reason
+    }
+
+    /// Whether an in-band error was seen (`{"error": ...}` payload or an
+    /// `event: error` event).
+    pub fn saw_error(&self) -> bool {
+        self.tally.saw_error
+    }
+
+    /// Number of events dispatched, `[DONE]` and unparseable ones included.
+    pub fn events(&self) -> u64 {
+        self.tally.events
+    }
+
+    /// Number of events whose data was neither `[DONE]` nor a valid JSON
+    /// object of the expected shape.
+    pub fn unparsed_events(&self) -> u64 {
+        self.tally.unparsed_events
+    }
+
+    /// Number of events discarded for exceeding the size bound.
+    pub fn oversized_events(&self) -> u64 {
+        self.scanner.oversized_events()
+    }
+}
+
+impl Tally {
+    /// Records one event; returns true when it is a usage-only chunk.
+    fn on_event(&mut self, ev: SseEvent<'_>) -> bool {
+        self.events += 1;
+        if ev.event == Some(b"error") {
+            self.saw_error = true;
+        }
+        let data = ev.data.trim_ascii();
+        if data == b"[DONE]" {
+            self.saw_done = true;
+            return false;
+        }
+        // Only a JSON object can carry choices, usage or an error: skip the
+        // parser for keep-alives and other non-JSON payloads.
+        if data.first() != Some(&b'{') {
+            self.unparsed_events += 1;
+            return false;
+        }
+        let text_len = self.text.len();
+        let mut facts = Facts::default();
+        let mut de = serde_json::Deserializer::from_slice(data);
+        let parsed = ChunkSeed {
+            text: &mut self.text,
+            facts: &mut facts,
+        }
+        .deserialize(&mut de)
+        .and_then(|()| de.end());
+        if parsed.is_err() {
+            // Text appended before the error point is not trusted.
+            self.text.truncate(text_len);
+            self.unparsed_events += 1;
+            return false;
+        }
+        self.saw_finish_reason |= facts.finish_reason;
+        self.saw_error |= facts.error;
+        if facts.usage.is_some() {
+            self.usage = facts.usage;
+        }
+        facts.choices_empty && facts.usage.is_some()
+    }
+}
+
+/// What one chunk said besides its text.
+#[derive(Default)]
+struct Facts {
+    choices_empty: bool,
+    usage: Option<Usage>,
+    finish_reason: bool,
+    error: bool,
+}
+
+// Field identifiers deserialize without allocating; unknown keys fall into
+// `Other` and their values are skipped.
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum ChunkField {
+    Choices,
+    Usage,
+    Error,
+    #[serde(other)]
+    Other,
+}
+
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum ChoiceField {
+    Delta,
+    Text,
+    FinishReason,
+    #[serde(other)]
+    Other,
+}
+
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum DeltaField {
+    Content,
+    Refusal,
+    ToolCalls,
+    FunctionCall,
+    #[serde(other)]
+    Other,
+}
+
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum ToolCallField {
+    Function,
+    #[serde(other)]
+    Other,
+}
+
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum FunctionField {
+    Name,
+    Arguments,
+    #[serde(other)]
+    Other,
+}
+
+/// The top-level chunk object.
+struct ChunkSeed<'s> {
+    text: &'s mut String,
+    facts: &'s mut Facts,
+}
+
+impl<'de> DeserializeSeed<'de> for ChunkSeed<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ChunkSeed<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a chat.completion.chunk object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key::<ChunkField>()? {
+            match key {
+                ChunkField::Choices => {
+                    let n = map.next_value_seed(ChoicesSeed {
+                        text: &mut *self.text,
+                        facts: &mut *self.facts,
+                    })?;
+                    self.facts.choices_empty = n == Some(0);
+                }
+                ChunkField::Usage => {
+                    self.facts.usage = map.next_value::<Option<RawUsage>>()?.map(Usage::from);
+                }
+                ChunkField::Error => {
+                    self.facts.error |= map.next_value::<Option<IgnoredAny>>()?.is_some();
+                }
+                ChunkField::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `choices`: an array (its length is returned) or null.
+struct ChoicesSeed<'s> {
+    text: &'s mut String,
+    facts: &'s mut Facts,
+}
+
+impl<'de> DeserializeSeed<'de> for ChoicesSeed<'_> {
+    type Value = Option<usize>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ChoicesSeed<'_> {
+    type Value = Option<usize>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an array of choices")
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Option<usize>, E> {
+        Ok(None)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Option<usize>, A::Error> {
+        let mut n = 0;
+        while seq
+            .next_element_seed(ObjectSeed(ChoiceFields {
+                text: &mut *self.text,
+                facts: &mut *self.facts,
+            }))?
+            .is_some()
+        {
+            n += 1;
+        }
+        Ok(Some(n))
+    }
+}
+
+/// Reads the fields of one JSON object; implemented per object kind.
+trait Fields<'de> {
+    fn field<A: MapAccess<'de>>(&mut self, map: &mut A) -> Result<bool, A::Error>;
+}
+
+/// A JSON object (or null) whose keys are handled by `F`.
+struct ObjectSeed<F>(F);
+
+impl<'de, F: Fields<'de>> DeserializeSeed<'de> for ObjectSeed<F> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, F: Fields<'de>> Visitor<'de> for ObjectSeed<F> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object or null")
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<(), A::Error> {
+        while self.0.field(&mut map)? {}
+        Ok(())
+    }
+}
+
+struct ChoiceFields<'s> {
+    text: &'s mut String,
+    facts: &'s mut Facts,
+}
+
+impl<'de> Fields<'de> for ChoiceFields<'_> {
+    fn field<A: MapAccess<'de>>(&mut self, map: &mut A) -> Result<bool, A::Error> {
+        let Some(key) = map.next_key::<ChoiceField>()? else {
+            return Ok(false);
+        };
+        match key {
+            ChoiceField::Delta => map.next_value_seed(ObjectSeed(DeltaFields(&mut *self.text)))?,
+            // /v1/completions streams carry their text here.
+            ChoiceField::Text => map.next_value_seed(AppendStr(&mut *self.text))?,
+            ChoiceField::FinishReason => {
+                self.facts.finish_reason |= map.next_value::<Option<IgnoredAny>>()?.is_some();
+            }
+            ChoiceField::Other => {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(true)
+    }
+}
+
+struct DeltaFields<'s>(&'s mut String);
+
+impl<'de> Fields<'de> for DeltaFields<'_> {
+    fn field<A: MapAccess<'de>>(&mut self, map: &mut A) -> Result<bool, A::Error> {
+        let Some(key) = map.next_key::<DeltaField>()? else {
+            return Ok(false);
+        };
+        match key {
+            DeltaField::Content | DeltaField::Refusal => {
+                map.next_value_seed(AppendStr(&mut *self.0))?;
+            }
+            DeltaField::ToolCalls => map.next_value_seed(ToolCallsSeed(&mut *self.0))?,
+            DeltaField::FunctionCall => {
+                map.next_value_seed(ObjectSeed(FunctionFields(&mut *self.0)))?;
+            }
+            DeltaField::Other => {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// `tool_calls`: an array of tool-call deltas, or null.
+struct ToolCallsSeed<'s>(&'s mut String);
+
+impl<'de> DeserializeSeed<'de> for ToolCallsSeed<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ToolCallsSeed<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an array of tool calls")
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq
+            .next_element_seed(ObjectSeed(ToolCallFields(&mut *self.0)))?
+            .is_some()
+        {}
+        Ok(())
+    }
+}
+
+struct ToolCallFields<'s>(&'s mut String);
+
+impl<'de> Fields<'de> for ToolCallFields<'_> {
+    fn field<A: MapAccess<'de>>(&mut self, map: &mut A) -> Result<bool, A::Error> {
+        let Some(key) = map.next_key::<ToolCallField>()? else {
+            return Ok(false);
+        };
+        match key {
+            ToolCallField::Function => {
+                map.next_value_seed(ObjectSeed(FunctionFields(&mut *self.0)))?;
+            }
+            ToolCallField::Other => {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(true)
+    }
+}
+
+struct FunctionFields<'s>(&'s mut String);
+
+impl<'de> Fields<'de> for FunctionFields<'_> {
+    fn field<A: MapAccess<'de>>(&mut self, map: &mut A) -> Result<bool, A::Error> {
+        let Some(key) = map.next_key::<FunctionField>()? else {
+            return Ok(false);
+        };
+        match key {
+            FunctionField::Name | FunctionField::Arguments => {
+                map.next_value_seed(AppendStr(&mut *self.0))?;
+            }
+            FunctionField::Other => {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Appends a JSON string (borrowed or unescaped into serde_json's scratch
+/// buffer, never separately allocated) to the text; null appends nothing.
+struct AppendStr<'s>(&'s mut String);
+
+impl<'de> DeserializeSeed<'de> for AppendStr<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for AppendStr<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string or null")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
+        self.0.push_str(v);
+        Ok(())
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use crate::tokens::count::{count_chat_completion_response, Tokenizer};
+    use serde_json::{json, Value};
+
+    const MAX: usize = 64 * 1024;
+
+    fn chunk(choices: Value, usage: Value) -> Value {
+        json!({"id": "chatcmpl-9", "object": "chat.completion.chunk", "created": 1_700_000_000,
+               "model": "gpt-4o-mini", "system_fingerprint": "fp_1",
+               "choices": choices, "usage": usage})
+    }
+
+    fn delta(d: Value) -> Value {
+        chunk(
+            json!([{"index": 0, "delta": d, "logprobs": null, "finish_reason": null}]),
+            Value::Null,
+        )
+    }
+
+    fn usage_chunk() -> Value {
+        chunk(
+            json!([]),
+            json!({"prompt_tokens": 31, "completion_tokens": 57, "total_tokens": 88,
+                   "prompt_tokens_details": {"cached_tokens": 12, "audio_tokens": 0},
+                   "completion_tokens_details": {"reasoning_tokens": 0}}),
+        )
+    }
+
+    /// (payload of each event, in order); the usage-only event is index `USAGE_AT`.
+    fn payloads() -> Vec<String> {
+        let mut p: Vec<Value> = vec![
+            delta(json!({"role": "assistant", "content": "", "refusal": null})),
+            delta(json!({"content": "Hello, world! "})),
+            delta(json!({"content": "你好，世界。"})),
+            delta(json!({"content": "Nice 👍🏽 "})),
+            delta(json!({"content": "He said \"hi\"\nthen left.\t"})),
+            delta(
+                json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": ""}}]}),
+            ),
+            delta(json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"loc"}}]})),
+            delta(
+                json!({"tool_calls": [{"index": 0, "function": {"arguments": "ation\": \"Par"}}]}),
+            ),
+            delta(json!({"tool_calls": [{"index": 0, "function": {"arguments": "is 🗼\"}"}}]})),
+            chunk(
+                json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": "tool_calls"}]),
+                Value::Null,
+            ),
+            usage_chunk(),
+        ];
+        let mut out: Vec<String> = p.drain(..).map(|v| v.to_string()).collect();
+        out.push("[DONE]".to_string());
+        out
+    }
+
+    const USAGE_AT: usize = 10;
+
+    fn expected_text() -> &'static str {
+        "Hello, world! 你好，世界。Nice 👍🏽 He said \"hi\"\nthen left.\tget_weather{\"location\": \"Paris 🗼\"}"
+    }
+
+    fn expected_usage() -> Usage {
+        Usage {
+            prompt_tokens: 31,
+            completion_tokens: 57,
+            cached_prompt_tokens: 12,
+        }
+    }
+
+    /// The stream bytes with `eol` line endings, and the byte range of the usage event.
+    fn stream(eol: &str) -> (Vec<u8>, std::ops::Range<usize>) {
+        let mut out = String::new();
+        let mut range = 0..0;
+        for (i, p) in payloads().iter().enumerate() {
+            let start = out.len();
+            out.push_str(&format!("data: {p}{eol}{eol}"));
+            if i == USAGE_AT {
+                range = start..out.len();
+            }
+        }
+        (out.into_bytes(), range)
+    }
+
+    struct Outcome {
+        text: String,
+        tokens: (u64, u64),
+        usage: Option<Usage>,
+        done: bool,
+        finish: bool,
+        error: bool,
+        events: u64,
+        filtered: Option<Vec<u8>>,
+    }
+
+    fn run(chunks: &[&[u8]], filtering: bool) -> Outcome {
+        let mut acc = StreamAccounting::new(MAX);
+        let mut out = Vec::new();
+        for c in chunks {
+            if filtering {
+                acc.observe_filtering(c, &mut out);
+            } else {
+                acc.observe(c);
+            }
+        }
+        acc.finish(filtering.then_some(&mut out));
+        Outcome {
+            text: acc.completion_text().to_string(),
+            tokens: (
+                acc.counted_completion_tokens(Tokenizer::O200kBase),
+                acc.counted_completion_tokens(Tokenizer::Cl100kBase),
+            ),
+            usage: acc.usage(),
+            done: acc.saw_done(),
+            finish: acc.saw_finish_reason(),
+            error: acc.saw_error(),
+            events: acc.events(),
+            filtered: filtering.then_some(out),
+        }
+    }
+
+    fn check(input: &[u8], usage_range: &std::ops::Range<usize>, chunks: &[&[u8]]) {
+        let tokens = (
+            Tokenizer::O200kBase.count(expected_text()),
+            Tokenizer::Cl100kBase.count(expected_text()),
+        );
+        let mut without_usage = input[..usage_range.start].to_vec();
+        without_usage.extend_from_slice(&input[usage_range.end..]);
+        for filtering in [false, true] {
+            let o = run(chunks, filtering);
+            assert_eq!(o.text, expected_text());
+            assert_eq!(o.tokens, tokens);
+            assert_eq!(o.usage, Some(expected_usage()));
+            assert!(o.done && o.finish && !o.error);
+            assert_eq!(o.events, payloads().len() as u64);
+            if let Some(out) = o.filtered {
+                assert_eq!(out, without_usage);
+            }
+        }
+    }
+
+    #[test]
+    fn every_two_way_split_gives_identical_accounting() {
+        for eol in ["\n", "\r\n", "\r"] {
+            let (input, usage_range) = stream(eol);
+            for cut in 0..=input.len() {
+                let (a, b) = input.split_at(cut);
+                check(&input, &usage_range, &[a, b]);
+            }
+        }
+    }
+
+    #[test]
+    fn one_byte_chunks_give_identical_accounting() {
+        for eol in ["\n", "\r\n", "\r"] {
+            let (input, usage_range) = stream(eol);
+            let bytes: Vec<&[u8]> = input.chunks(1).collect();
+            check(&input, &usage_range, &bytes);
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn random_chunkings_give_identical_accounting(
+            mut cuts in proptest::collection::vec(0usize..4000, 0..12),
+            eol in proptest::sample::select(vec!["\n", "\r\n", "\r"]),
+        ) {
+            let (input, usage_range) = stream(eol);
+            for c in cuts.iter_mut() {
+                *c %= input.len() + 1;
+            }
+            cuts.sort_unstable();
+            let mut chunks = Vec::new();
+            let mut prev = 0;
+            for c in cuts {
+                chunks.push(&input[prev..c]);
+                prev = c;
+            }
+            chunks.push(&input[prev..]);
+            check(&input, &usage_range, &chunks);
+        }
+    }
+
+    #[test]
+    fn streamed_and_non_streamed_counts_agree() {
+        let body = json!({"choices": [{"index": 0, "message": {"role": "assistant",
+            "content": "Hello, world! 你好，世界。Nice 👍🏽 He said \"hi\"\nthen left.\t",
+            "refusal": null,
+            "tool_calls": [{"id": "call_1", "type": "function", "function":
+                {"name": "get_weather", "arguments": "{\"location\": \"Paris 🗼\"}"}}]}}]});
+        let (input, _) = stream("\n");
+        let o = run(&[&input], false);
+        let n = count_chat_completion_response(Tokenizer::O200kBase, body.to_string().as_bytes());
+        assert_eq!(n.unwrap(), o.tokens.0);
+    }
+
+    #[test]
+    fn comments_garbage_and_errors() {
+        let input = concat!(
+            ": keep-alive\n\n",
+            "event: message\ndata: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n",
+            "data: not json\n\n",
+            "data: {\"choices\":[{\"delta\":{\"content\":\"LOST\"}}], oops}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"content\":7}}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"content\":\"b\"}}]}trailing\n\n",
+            "data: [1,2]\n\n",
+            "data: {\"choices\":[{\"text\":\"c\",\"finish_reason\":null}]}\n\n",
+            "data: {\"error\":{\"message\":\"upstream overloaded\",\"type\":\"server_error\"}}\n\n",
+        );
+        let o = run(&[input.as_bytes()], false);
+        assert_eq!(o.text, "ac");
+        assert!(o.error && !o.done && !o.finish);
+        assert_eq!(o.usage, None);
+        assert_eq!(o.events, 8);
+        let mut acc = StreamAccounting::new(MAX);
+        acc.observe(input.as_bytes());
+        assert_eq!(acc.unparsed_events(), 5);
+        // `event: error` alone also flags the stream.
+        let mut acc = StreamAccounting::new(MAX);
+        acc.observe(b"event: error\ndata: boom\n\n");
+        assert!(acc.saw_error());
+        // An explicit null error is not an error.
+        let mut acc = StreamAccounting::new(MAX);
+        acc.observe(b"data: {\"error\":null,\"choices\":[]}\n\n");
+        assert!(!acc.saw_error());
+    }
+
+    #[test]
+    fn truncated_stream_keeps_text_so_far() {
+        let (input, _) = stream("\n");
+        // Cut inside the 5th content event: the first four events count.
+        let fifth = input.windows(8).position(|w| w == b"He said ").unwrap();
+        for filtering in [false, true] {
+            let o = run(&[&input[..fifth]], filtering);
+            assert_eq!(o.text, "Hello, world! 你好，世界。Nice 👍🏽 ");
+            assert!(!o.done && !o.finish && o.usage.is_none());
+            if let Some(out) = o.filtered {
+                assert_eq!(out, &input[..fifth], "held bytes are flushed at finish");
+            }
+        }
+        // A last event without its blank line still counts at finish.
+        let o = run(
+            &[b"data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}]}"],
+            false,
+        );
+        assert_eq!(o.text, "x");
+    }
+
+    #[test]
+    fn usage_only_chunk_without_blank_line_is_dropped_at_finish() {
+        let usage = format!("data: {}", usage_chunk());
+        let input = format!("data: {}\n\n{usage}", delta(json!({"content": "hi"})));
+        let o = run(&[input.as_bytes()], true);
+        assert_eq!(o.usage, Some(expected_usage()));
+        assert_eq!(
+            o.filtered.unwrap(),
+            &input.as_bytes()[..input.len() - usage.len()]
+        );
+    }
+
+    #[test]
+    fn usage_with_choices_is_forwarded_and_captured() {
+        let ev = chunk(
+            json!([{"index": 0, "delta": {"content": "z"}, "finish_reason": "stop"}]),
+            json!({"prompt_tokens": 0, "completion_tokens": 0}),
+        );
+        let input = format!("data: {ev}\n\ndata: {}\n\n", chunk(json!([]), Value::Null));
+        let o = run(&[input.as_bytes()], true);
+        assert_eq!(o.usage, Some(Usage::default()));
+        assert_eq!(o.filtered.unwrap(), input.as_bytes());
+        assert!(o.finish);
+    }
+
+    #[test]
+    fn last_non_null_usage_wins() {
+        let a = chunk(
+            json!([]),
+            json!({"prompt_tokens": 1, "completion_tokens": 2}),
+        );
+        let b = chunk(json!([]), Value::Null);
+        let input = format!("data: {a}\n\ndata: {b}\n\n");
+        let o = run(&[input.as_bytes()], false);
+        assert_eq!(
+            o.usage,
+            Some(Usage {
+                prompt_tokens: 1,
+                completion_tokens: 2,
+                cached_prompt_tokens: 0
+            })
+        );
+    }
+
+    #[test]
+    fn oversized_event_is_bounded_and_forwarded() {
+        let big = "w".repeat(5000);
+        let input = format!(
+            "data: {}\n\ndata: {}\n\ndata: {}\n\n",
+            delta(json!({"content": "a"})),
+            delta(json!({"content": big})),
+            delta(json!({"content": "b"}))
+        );
+        for cut in [0, 100, 300, 2000, input.len()] {
+            let (x, y) = input.as_bytes().split_at(cut);
+            let mut acc = StreamAccounting::new(1024);
+            let mut out = Vec::new();
+            acc.observe_filtering(x, &mut out);
+            acc.observe_filtering(y, &mut out);
+            acc.finish(Some(&mut out));
+            assert_eq!(acc.completion_text(), "ab");
+            assert_eq!(acc.oversized_events(), 1);
+            assert_eq!(out, input.as_bytes());
+        }
+    }
+
+    #[test]
+    fn garbage_bytes_never_panic() {
+        let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut bytes = Vec::new();
+        let alphabet = b"data: {}[]\",:\\\r\n\x00\xff\xf0\x9fchoices delta content usage";
+        for _ in 0..20_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            bytes.push(alphabet[(seed % alphabet.len() as u64) as usize]);
+        }
+        for filtering in [false, true] {
+            let chunks: Vec<&[u8]> = bytes.chunks(97).collect();
+            let o = run(&chunks, filtering);
+            if let Some(out) = o.filtered {
+                assert!(out.len() <= bytes.len());
+            }
+        }
+    }
+
+    #[test]
+    fn usage_from_bodies() {
+        let chat = br#"{"id":"x","choices":[],"usage":{"prompt_tokens":10,"completion_tokens":5,"total_tokens":15,"prompt_tokens_details":{"cached_tokens":4}}}"#;
+        assert_eq!(
+            usage_from_response_body(chat),
+            Some(Usage {
+                prompt_tokens: 10,
+                completion_tokens: 5,
+                cached_prompt_tokens: 4
+            })
+        );
+        let embeddings =
+            br#"{"object":"list","data":[],"usage":{"prompt_tokens":8,"total_tokens":8}}"#;
+        assert_eq!(
+            usage_from_response_body(embeddings),
+            Some(Usage {
+                prompt_tokens: 8,
+                ..Usage::default()
+            })
+        );
+        let zeros = br#"{"usage":{"prompt_tokens":0,"completion_tokens":0}}"#;
+        assert_eq!(usage_from_response_body(zeros), Some(Usage::default()));
+        let floats = br#"{"usage":{"prompt_tokens":3.0,"completion_tokens":null,"prompt_tokens_details":null}}"#;
+        assert_eq!(
+            usage_from_response_body(floats),
+            Some(Usage {
+                prompt_tokens: 3,
+                ..Usage::default()
+            })
+        );
+        for none in [
+            &br#"{"usage":null}"#[..],
+            br#"{"choices":[]}"#,
+            b"",
+            b"{",
+            b"\xff",
+            b"[]",
+            br#"{"usage":"lots"}"#,
+        ] {
+            assert_eq!(usage_from_response_body(none), None);
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! Usage records and their path to the store.
+//!
+//! Every proxied request with a valid key produces exactly one [`UsageRecord`]. The
+//! proxy hands it to a [`UsageSink`] with a non-blocking `try_send`; the
+//! [`writer`] drains the bounded queue in batches on its own thread and writes them
+//! to the store. A full queue is counted (`ai4free_usage_records_dropped_total`),
+//! never waited on: the request path must not block on storage.
+
+pub mod writer;
+
+pub use writer::{UsageSink, UsageWriter};
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use once_cell::sync::Lazy;
+
+/// Where a row's token numbers came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TokenSource {
+    /// The provider reported usage and we recorded it as is.
+    Provider,
+    /// The gateway counted with the model's tokenizer.
+    Counted,
+    /// The stream was cut (client disconnect, upstream reset): tokens delivered so far.
+    Partial,
+    /// No tokens apply (the request never reached a provider).
+    None,
+}
+
+impl TokenSource {
+    /// The stored and exported spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenSource::Provider => "provider",
+            TokenSource::Counted => "counted",
+            TokenSource::Partial => "partial",
+            TokenSource::None => "none",
+        }
+    }
+
+    /// Inverse of [`TokenSource::as_str`].
+    pub fn parse(s: &str) -> Option<TokenSource> {
+        Some(match s {
+            "provider" => TokenSource::Provider,
+            "counted" => TokenSource::Counted,
+            "partial" => TokenSource::Partial,
+            "none" => TokenSource::None,
+            _ => return None,
+        })
+    }
+}
+
+/// One proxied request, as billed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRecord {
+    /// Unique per request; also sent to the client as `x-request-id`.
+    pub request_id: String,
+    /// Public id of the key that made the request.
+    pub key_id: String,
+    /// The model as configured (empty when the request never resolved one).
+    pub model: String,
+    /// The provider's configured name (empty when none was chosen).
+    pub provider: String,
+    /// The API path, e.g. `/v1/chat/completions`.
+    pub endpoint: String,
+    /// Prompt (input) tokens.
+    pub prompt_tokens: u64,
+    /// Of the prompt tokens, those the provider served from its cache.
+    pub cached_prompt_tokens: u64,
+    /// Completion (output) tokens.
+    pub completion_tokens: u64,
+    /// Exact cost in pico-USD (1e-12 USD): tokens × micro-USD per million tokens.
+    pub cost_pusd: i64,
+    /// Input price this row was charged at (micro-USD per million tokens).
+    pub input_price_micros: i64,
+    /// Output price this row was charged at (micro-USD per million tokens).
+    pub output_price_micros: i64,
+    /// HTTP status returned to the client (0 when the client went away first).
+    pub status: u16,
+    /// Whether the response was streamed.
+    pub stream: bool,
+    /// Where the token numbers came from.
+    pub token_source: TokenSource,
+    /// Request start, Unix milliseconds.
+    pub started_at_ms: i64,
+    /// Total latency as seen by the gateway.
+    pub latency_ms: u64,
+    /// Time to the first response byte from the upstream, if any arrived.
+    pub ttfb_ms: Option<u64>,
+    /// A short machine-readable error code (never a secret), if the request failed.
+    pub error: Option<String>,
+}
+
+/// Exact cost of a request in pico-USD.
+///
+/// A price of `p` micro-USD per million tokens is `p` pico-USD per token, so the
+/// product is exact in integers; no float is ever summed.
+pub fn cost_pusd(
+    prompt_tokens: u64,
+    cached_prompt_tokens: u64,
+    completion_tokens: u64,
+    input_micros: u64,
+    cached_input_micros: Option<u64>,
+    output_micros: u64,
+) -> i64 {
+    let cached = cached_prompt_tokens.min(prompt_tokens);
+    let uncached = prompt_tokens - cached;
+    let cached_price = cached_input_micros.unwrap_or(input_micros);
+    let total = (uncached as u128) * (input_micros as u128)
+        + (cached as u128) * (cached_price as u128)
+        + (completion_tokens as u128) * (output_micros as u128);
+    i64::try_from(total).unwrap_or(i64::MAX)
+}
+
+/// Formats pico-USD as an exact decimal string of USD (trailing zeros trimmed).
+pub fn format_usd(pusd: i64) -> String {
+    let neg = pusd < 0;
+    let v = pusd.unsigned_abs();
+    let whole = v / 1_000_000_000_000;
+    let frac = v % 1_000_000_000_000;
+    let mut s = if frac == 0 {
+        format!("{whole}")
+    } else {
+        let f = format!("{frac:012}");
+        format!("{whole}.{}", f.trim_end_matches('0'))
+    };
+    if neg {
+        s.insert(0, '-');
+    }
+    s
+}
+
+/// A JSON number holding the exact decimal of `pusd` USD.
+pub fn usd_json(pusd: i64) -> serde_json::Value {
+    // Parsing the exact decimal text yields the closest f64; the stored integer stays exact.
+    format_usd(pusd)
+        .parse::<f64>()
+        .ok()
+        .and_then(serde_json::Number::from_f64)
+        .map(serde_json::Value::Number)
+        .unwrap_or(serde_json::Value::Null)
+}
+
+impl UsageRecord {
+    /// The JSON object `ai4free usage export` prints for this row.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "request_id": self.request_id,
+            "key_id": self.key_id,
+            "model": self.model,
+            "provider": self.provider,
+            "endpoint": self.endpoint,
+            "prompt_tokens": self.prompt_tokens,
+            "cached_prompt_tokens": self.cached_prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "cost_usd": usd_json(self.cost_pusd),
+            "cost_usd_exact": format_usd(self.cost_pusd),
+            "input_price_per_mtok": format_usd(self.input_price_micros.saturating_mul(1_000_000)),
+            "output_price_per_mtok": format_usd(self.output_price_micros.saturating_mul(1_000_000)),
+            "status": self.status,
+            "stream": self.stream,
+            "token_source": self.token_source.as_str(),
+            "started_at": rfc3339_ms(self.started_at_ms),
+            "latency_ms": self.latency_ms,
+            "ttfb_ms": self.ttfb_ms,
+            "error": self.error,
+        })
+    }
+}
+
+/// Unix milliseconds → RFC 3339 in UTC with millisecond precision.
+pub fn rfc3339_ms(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_default()
+}
+
+/// The current time in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+static NODE_TAG: Lazy<u32> = Lazy::new(|| {
+    let mut b = [0u8; 4];
+    // A failed read only weakens uniqueness across nodes; the counter keeps ids unique here.
+    let _ = getrandom::fill(&mut b);
+    u32::from_le_bytes(b)
+});
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// A unique, roughly time-ordered request id: `req_` + ms timestamp + node tag + sequence.
+///
+/// Cheap enough for every request (no syscall): the node tag is drawn once per process.
+pub fn new_request_id(now_ms: i64) -> String {
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    format!("req_{:011x}{:08x}{:08x}", now_ms.max(0), *NODE_TAG, seq as u32)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cost_is_exact() {
+        // 1,000,000 tokens at 0.15 $/Mtok = 0.15 $
+        let c = cost_pusd(1_000_000, 0, 0, 150_000, None, 600_000);
+        assert_eq!(format_usd(c), "0.15");
+        // 7 prompt + 3 completion tokens at 0.15/0.60
+        let c = cost_pusd(7, 0, 3, 150_000, None, 600_000);
+        assert_eq!(c, 7 * 150_000 + 3 * 600_000);
+        assert_eq!(format_usd(c), "0.00000285");
+        // cached tokens use their own price
+        let c = cost_pusd(10, 4, 0, 1_000_000, Some(500_000), 0);
+        assert_eq!(c, 6 * 1_000_000 + 4 * 500_000);
+        assert_eq!(format_usd(0), "0");
+        assert_eq!(format_usd(-1_500_000_000_000), "-1.5");
+    }
+
+    #[test]
+    fn request_ids_are_unique() {
+        let a = new_request_id(1);
+        let b = new_request_id(1);
+        assert_ne!(a, b);
+        assert!(a.starts_with("req_"));
+    }
+}
