@@ -26,7 +26,12 @@ pub struct Cli {
 #[derive(Args, Debug, Clone)]
 struct ConfigArg {
     /// Path to the YAML config.
-    #[arg(long, short = 'c', env = "AI4FREE_CONFIG", default_value = "conf/ai4free.yaml")]
+    #[arg(
+        long,
+        short = 'c',
+        env = "AI4FREE_CONFIG",
+        default_value = "conf/ai4free.yaml"
+    )]
     config: PathBuf,
 }
 
@@ -122,7 +127,16 @@ enum UsageCmd {
 }
 
 fn load_config(path: &std::path::Path) -> Result<Config, String> {
-    Config::load(path).map_err(|e| format!("invalid config {}:\n{e}", path.display()))
+    let cfg = Config::load(path).map_err(|e| format!("invalid config {}:\n{e}", path.display()))?;
+    let unenforced = cfg.unenforced_limits();
+    if !unenforced.is_empty() {
+        return Err(format!(
+            "invalid config {}:\n{}",
+            path.display(),
+            crate::config::ConfigErrors(unenforced)
+        ));
+    }
+    Ok(cfg)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
@@ -141,7 +155,9 @@ fn parse_since(since: Option<&str>) -> Result<Option<i64>, String> {
         .map(|s| {
             chrono::DateTime::parse_from_rfc3339(s)
                 .map(|t| t.timestamp_millis())
-                .map_err(|e| format!("--since: expected an RFC 3339 time like 2026-01-31T00:00:00Z: {e}"))
+                .map_err(|e| {
+                    format!("--since: expected an RFC 3339 time like 2026-01-31T00:00:00Z: {e}")
+                })
         })
         .transpose()
 }
@@ -149,8 +165,13 @@ fn parse_since(since: Option<&str>) -> Result<Option<i64>, String> {
 /// Parses the command line and runs it.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let default_level = if matches!(cli.command, Command::Serve(_)) { "info" } else { "warn" };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level)).init();
+    let default_level = if matches!(cli.command, Command::Serve(_)) {
+        "info"
+    } else {
+        "warn"
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
+        .init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(msg) => {
@@ -194,13 +215,29 @@ fn run(cli: Cli) -> Result<(), String> {
 
 async fn keys_cmd(cmd: KeysCmd) -> Result<(), String> {
     match cmd {
-        KeysCmd::Create { cfg, tier, name, owner, project, expires_in, models, json } => {
+        KeysCmd::Create {
+            cfg,
+            tier,
+            name,
+            owner,
+            project,
+            expires_in,
+            models,
+            json,
+        } => {
             let config = load_config(&cfg.config)?;
             if config.tier(&tier).is_none() {
                 let known: Vec<&str> = config.tiers.keys().map(String::as_str).collect();
-                return Err(format!("--tier: unknown tier {tier:?} (configured: {})", known.join(", ")));
+                return Err(format!(
+                    "--tier: unknown tier {tier:?} (configured: {})",
+                    known.join(", ")
+                ));
             }
-            let models: Vec<String> = models.into_iter().map(|m| m.trim().to_owned()).filter(|m| !m.is_empty()).collect();
+            let models: Vec<String> = models
+                .into_iter()
+                .map(|m| m.trim().to_owned())
+                .filter(|m| !m.is_empty())
+                .collect();
             for m in &models {
                 if config.resolve_model(m).is_none() {
                     return Err(format!("--models: {m:?} is not a configured model"));
@@ -209,7 +246,8 @@ async fn keys_cmd(cmd: KeysCmd) -> Result<(), String> {
             let now = usage::now_ms();
             let expires_at_ms = match expires_in {
                 Some(s) => {
-                    let d = humantime::parse_duration(&s).map_err(|e| format!("--expires-in {s:?}: {e} (try 30d, 12h or 90m)"))?;
+                    let d = humantime::parse_duration(&s)
+                        .map_err(|e| format!("--expires-in {s:?}: {e} (try 30d, 12h or 90m)"))?;
                     Some(now.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)))
                 }
                 None => None,
@@ -236,7 +274,10 @@ async fn keys_cmd(cmd: KeysCmd) -> Result<(), String> {
                 println!("{v}");
             } else {
                 println!("{}", new.key);
-                eprintln!("created key {} (tier {}); the key above is shown only once", rec.id, rec.tier);
+                eprintln!(
+                    "created key {} (tier {}); the key above is shown only once",
+                    rec.id, rec.tier
+                );
             }
             Ok(())
         }
@@ -261,18 +302,31 @@ async fn keys_cmd(cmd: KeysCmd) -> Result<(), String> {
                             k.tier.clone(),
                             k.status(now).as_str().to_owned(),
                             k.expires_at_ms.map(rfc3339_ms).unwrap_or_default(),
-                            if k.models.is_empty() { "*".into() } else { k.models.join(",") },
+                            if k.models.is_empty() {
+                                "*".into()
+                            } else {
+                                k.models.join(",")
+                            },
                         ]
                     })
                     .collect();
-                print_table(&["ID", "NAME", "OWNER", "PROJECT", "TIER", "STATUS", "EXPIRES", "MODELS"], &rows);
+                print_table(
+                    &[
+                        "ID", "NAME", "OWNER", "PROJECT", "TIER", "STATUS", "EXPIRES", "MODELS",
+                    ],
+                    &rows,
+                );
             }
             Ok(())
         }
         KeysCmd::Revoke { cfg, id } => {
             let config = load_config(&cfg.config)?;
             let store = open_store(&config).await?;
-            if store.revoke_key(&id, usage::now_ms()).await.map_err(|e| e.to_string())? {
+            if store
+                .revoke_key(&id, usage::now_ms())
+                .await
+                .map_err(|e| e.to_string())?
+            {
                 println!("revoked {id}");
                 Ok(())
             } else {
@@ -299,10 +353,17 @@ fn key_json(k: &KeyRecord, now: i64) -> serde_json::Value {
 
 async fn usage_cmd(cmd: UsageCmd) -> Result<(), String> {
     match cmd {
-        UsageCmd::Export { cfg, since, json: _ } => {
+        UsageCmd::Export {
+            cfg,
+            since,
+            json: _,
+        } => {
             let config = load_config(&cfg.config)?;
             let store = open_store(&config).await?;
-            let q = UsageQuery { since_ms: parse_since(since.as_deref())?, ..Default::default() };
+            let q = UsageQuery {
+                since_ms: parse_since(since.as_deref())?,
+                ..Default::default()
+            };
             let rows = store.query_usage(&q).await.map_err(|e| e.to_string())?;
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             for r in &rows {
@@ -314,7 +375,10 @@ async fn usage_cmd(cmd: UsageCmd) -> Result<(), String> {
         UsageCmd::Report { cfg, since, json } => {
             let config = load_config(&cfg.config)?;
             let store = open_store(&config).await?;
-            let q = UsageQuery { since_ms: parse_since(since.as_deref())?, ..Default::default() };
+            let q = UsageQuery {
+                since_ms: parse_since(since.as_deref())?,
+                ..Default::default()
+            };
             let rows = store.usage_report(&q).await.map_err(|e| e.to_string())?;
             let cost = |c: i128| format_usd(i64::try_from(c).unwrap_or(i64::MAX));
             if json {
@@ -335,7 +399,11 @@ async fn usage_cmd(cmd: UsageCmd) -> Result<(), String> {
                     .map(|r| {
                         vec![
                             r.key_id.clone(),
-                            if r.model.is_empty() { "-".into() } else { r.model.clone() },
+                            if r.model.is_empty() {
+                                "-".into()
+                            } else {
+                                r.model.clone()
+                            },
                             r.requests.to_string(),
                             (r.requests - r.ok_requests).to_string(),
                             r.prompt_tokens.to_string(),
@@ -345,10 +413,35 @@ async fn usage_cmd(cmd: UsageCmd) -> Result<(), String> {
                     })
                     .collect();
                 let total = rows.iter().fold((0u64, 0u64, 0u64, 0u64, 0i128), |a, r| {
-                    (a.0 + r.requests, a.1 + r.requests - r.ok_requests, a.2 + r.prompt_tokens, a.3 + r.completion_tokens, a.4 + r.cost_pusd)
+                    (
+                        a.0 + r.requests,
+                        a.1 + r.requests - r.ok_requests,
+                        a.2 + r.prompt_tokens,
+                        a.3 + r.completion_tokens,
+                        a.4 + r.cost_pusd,
+                    )
                 });
-                table.push(vec!["TOTAL".into(), String::new(), total.0.to_string(), total.1.to_string(), total.2.to_string(), total.3.to_string(), cost(total.4)]);
-                print_table(&["KEY", "MODEL", "REQUESTS", "FAILED", "PROMPT_TOKENS", "COMPLETION_TOKENS", "COST_USD"], &table);
+                table.push(vec![
+                    "TOTAL".into(),
+                    String::new(),
+                    total.0.to_string(),
+                    total.1.to_string(),
+                    total.2.to_string(),
+                    total.3.to_string(),
+                    cost(total.4),
+                ]);
+                print_table(
+                    &[
+                        "KEY",
+                        "MODEL",
+                        "REQUESTS",
+                        "FAILED",
+                        "PROMPT_TOKENS",
+                        "COMPLETION_TOKENS",
+                        "COST_USD",
+                    ],
+                    &table,
+                );
             }
             Ok(())
         }

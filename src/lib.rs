@@ -13,6 +13,7 @@
 //! - [`proxy`]: the Pingora `ProxyHttp` glue that ties the above together.
 //! - [`mock`]: an OpenAI-compatible mock provider for tests, benchmarks and the quick start.
 
+pub mod cli;
 pub mod config;
 pub mod error;
 pub mod keys;
@@ -24,4 +25,3 @@ pub mod server;
 pub mod store;
 pub mod tokens;
 pub mod usage;
-pub mod cli;

@@ -7,10 +7,7 @@
 //! per-client value is ever a label.
 
 use once_cell::sync::Lazy;
-use prometheus::{
-    CounterVec, Histogram, HistogramOpts, IntCounter, IntCounterVec,
-    IntGauge, Opts,
-};
+use prometheus::{CounterVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts};
 
 fn register<C: prometheus::core::Collector + Clone + 'static>(c: C) -> C {
     // A second registration (tests that build several gateways in one process) is
@@ -182,6 +179,19 @@ pub fn init() {
     Lazy::force(&USAGE_RECORDS_WRITTEN);
     Lazy::force(&USAGE_WRITE_ERRORS);
     Lazy::force(&USAGE_FLUSH_SECONDS);
+    // Label sets known up front are exported at zero, so dashboards and alerts see
+    // the series before the first event.
+    RATE_LIMITED.with_label_values(&["requests_per_minute"]);
+    for reason in [
+        "missing",
+        "malformed",
+        "unknown",
+        "revoked",
+        "expired",
+        "unavailable",
+    ] {
+        AUTH_FAILURES.with_label_values(&[reason]);
+    }
 }
 
 #[cfg(test)]
@@ -206,5 +216,5 @@ mod tests {
         ] {
             assert!(names.iter().any(|x| x == n), "{n} missing: {names:?}");
         }
-            }
+    }
 }

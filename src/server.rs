@@ -89,7 +89,12 @@ impl App {
 
 async fn resolve_all(config: &Config, upstreams: &[Upstream]) {
     for (p, up) in config.providers.iter().zip(upstreams) {
-        if p.base_url.host.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok() {
+        if p.base_url
+            .host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok()
+        {
             continue;
         }
         let target = format!("{}:{}", p.base_url.host, p.base_url.port);
@@ -100,8 +105,16 @@ async fn resolve_all(config: &Config, upstreams: &[Upstream]) {
                     up.addrs.store(Arc::new(v));
                 }
             }
-            Ok(Err(e)) => log::warn!("provider {}: cannot resolve {}: {e}", p.name, p.base_url.host),
-            Err(_) => log::warn!("provider {}: resolving {} timed out", p.name, p.base_url.host),
+            Ok(Err(e)) => log::warn!(
+                "provider {}: cannot resolve {}: {e}",
+                p.name,
+                p.base_url.host
+            ),
+            Err(_) => log::warn!(
+                "provider {}: resolving {} timed out",
+                p.name,
+                p.base_url.host
+            ),
         }
     }
 }
@@ -127,11 +140,16 @@ impl BackgroundService for DnsRefresher {
 }
 
 /// A shutdown trigger for embedding the server (tests, benchmarks).
-pub struct ChannelShutdown(tokio::sync::Mutex<Option<tokio::sync::oneshot::Receiver<ShutdownSignal>>>);
+pub struct ChannelShutdown(
+    tokio::sync::Mutex<Option<tokio::sync::oneshot::Receiver<ShutdownSignal>>>,
+);
 
 impl ChannelShutdown {
     /// The watcher Pingora waits on, and the sender that fires it.
-    pub fn new() -> (ChannelShutdown, tokio::sync::oneshot::Sender<ShutdownSignal>) {
+    pub fn new() -> (
+        ChannelShutdown,
+        tokio::sync::oneshot::Sender<ShutdownSignal>,
+    ) {
         let (tx, rx) = tokio::sync::oneshot::channel();
         (ChannelShutdown(tokio::sync::Mutex::new(Some(rx))), tx)
     }
@@ -163,7 +181,10 @@ pub fn server_conf(config: &Config) -> ServerConf {
 
 /// Runs the gateway until `shutdown` fires (or, with `None`, until SIGTERM/SIGINT/SIGQUIT),
 /// then flushes queued usage and returns what the writer did.
-pub fn serve(app: App, shutdown: Option<Box<dyn ShutdownSignalWatch>>) -> Result<WriterStats, StartError> {
+pub fn serve(
+    app: App,
+    shutdown: Option<Box<dyn ShutdownSignalWatch>>,
+) -> Result<WriterStats, StartError> {
     let config = app.config.clone();
     let (sink, writer) = UsageWriter::spawn(app.store.clone(), &config.usage)?;
     crate::metrics::init();
@@ -177,8 +198,11 @@ pub fn serve(app: App, shutdown: Option<Box<dyn ShutdownSignalWatch>>) -> Result
         usage: sink,
         upstreams: app.upstreams.clone(),
     };
-    let mut proxy =
-        pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "ai4free proxy");
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        gateway,
+        "ai4free proxy",
+    );
     proxy.add_tcp(&config.listen.to_string());
     server.add_service(proxy);
 

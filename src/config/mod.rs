@@ -385,6 +385,36 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 impl Config {
+    /// Limits the config contract accepts but this build does not enforce yet, one
+    /// error per use with its path. `serve` and `check-config` refuse a config that
+    /// has any: an operator must never believe a budget is enforced when it is not.
+    pub fn unenforced_limits(&self) -> Vec<ConfigError> {
+        let mut out = Vec::new();
+        for (name, t) in &self.tiers {
+            let set: [(&str, bool); 10] = [
+                ("requests_per_second", t.requests_per_second.is_some()),
+                ("requests_per_hour", t.requests_per_hour.is_some()),
+                ("requests_per_day", t.requests_per_day.is_some()),
+                ("tokens_per_minute", t.tokens_per_minute.is_some()),
+                ("tokens_per_day", t.tokens_per_day.is_some()),
+                ("max_concurrent", t.max_concurrent.is_some()),
+                ("default_max_tokens", t.default_max_tokens.is_some()),
+                ("spend_usd_per_day", t.spend_usd_per_day.is_some()),
+                ("spend_usd_per_month", t.spend_usd_per_month.is_some()),
+                ("enforce_mid_stream", t.enforce_mid_stream),
+            ];
+            for (key, present) in set {
+                if present {
+                    out.push(ConfigError {
+                        path: format!("tiers.{name}.{key}"),
+                        message: "not enforced by this version yet (only requests_per_minute is); remove it".into(),
+                    });
+                }
+            }
+        }
+        out
+    }
+
     /// Parses and validates a YAML document, reporting every error found.
     pub fn from_yaml_str(text: &str) -> Result<Config, ConfigErrors> {
         parse::parse_config(text)

@@ -143,9 +143,25 @@ fn example_config_parses() {
             ("x-title".to_owned(), "ai4free".to_owned()),
         ]
     );
-    let pro = c.tier("pro").unwrap();
-    assert_eq!(pro.spend_usd_per_day, Some(UsdAmount { micros: 5_000_000 }));
-    assert!(pro.enforce_mid_stream);
+    assert_eq!(c.tier("pro").unwrap().requests_per_minute, Some(600));
+    // What ships must also pass check-config, which refuses unenforced limits.
+    assert!(c.unenforced_limits().is_empty());
+}
+
+#[test]
+fn unenforced_limits_are_named_with_their_path() {
+    let c = Config::from_yaml_str(
+        "providers:\n  - name: p\n    base_url: http://127.0.0.1:1/v1\n    models:\n      - name: m\ntiers:\n  pro:\n    requests_per_minute: 5\n    tokens_per_minute: 10\n    enforce_mid_stream: true\n",
+    )
+    .unwrap();
+    let errs: Vec<String> = c
+        .unenforced_limits()
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+    assert_eq!(errs.len(), 2);
+    assert!(errs[0].starts_with("tiers.pro.tokens_per_minute: not enforced"));
+    assert!(errs[1].starts_with("tiers.pro.enforce_mid_stream: not enforced"));
 }
 
 #[test]

@@ -143,9 +143,7 @@ impl KeyCache {
         match self.store.get_key(id).await {
             Ok(Some(rec)) => {
                 let entry = Arc::new(KeyEntry { record: rec });
-                self.entries
-                    .write()
-                    .insert(id.to_owned(), entry.clone());
+                self.entries.write().insert(id.to_owned(), entry.clone());
                 Ok(entry)
             }
             Ok(None) => {

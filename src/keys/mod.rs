@@ -64,7 +64,10 @@ pub struct NewKey {
 impl std::fmt::Debug for NewKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The secret must never reach a log line through a derived Debug.
-        f.debug_struct("NewKey").field("id", &self.id).field("key", &"<redacted>").finish()
+        f.debug_struct("NewKey")
+            .field("id", &self.id)
+            .field("key", &"<redacted>")
+            .finish()
     }
 }
 
@@ -108,7 +111,11 @@ pub fn generate() -> Result<NewKey, getrandom::Error> {
     let head = format!("{KEY_PREFIX}{id}_{secret}");
     let key = format!("{head}{}", checksum(&head));
     let secret_hash = hash_secret(&id, &secret);
-    Ok(NewKey { id, key, secret_hash })
+    Ok(NewKey {
+        id,
+        key,
+        secret_hash,
+    })
 }
 
 /// Generates only a fresh public id (used where an id is needed without a key).
@@ -142,7 +149,10 @@ pub fn hash_secret(id: &str, secret: &str) -> [u8; 32] {
 
 /// Compares two hashes in time independent of where they differ.
 pub fn hashes_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 fn checksum(head: &str) -> String {

@@ -155,8 +155,14 @@ mod tests {
             let d = l.check_requests("a", Some(3)).unwrap();
             assert!(matches!(d, Decision::Allow(r) if r.remaining == 2 - i));
         }
-        assert!(matches!(l.check_requests("a", Some(3)), Some(Decision::Deny(_))));
-        assert!(matches!(l.check_requests("b", Some(3)), Some(Decision::Allow(_))));
+        assert!(matches!(
+            l.check_requests("a", Some(3)),
+            Some(Decision::Deny(_))
+        ));
+        assert!(matches!(
+            l.check_requests("b", Some(3)),
+            Some(Decision::Allow(_))
+        ));
         assert_eq!(l.check_requests("c", None), None);
     }
 

@@ -36,6 +36,7 @@ mod body;
 mod render;
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests;
 
 use std::convert::Infallible;

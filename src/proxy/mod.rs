@@ -111,7 +111,12 @@ impl Upstream {
                 .map_err(|_| format!("provider {}: invalid value for header {k}", p.name))?;
             headers.push((name, value));
         }
-        let addrs = match p.base_url.host.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
+        let addrs = match p
+            .base_url
+            .host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+        {
             Ok(ip) => vec![SocketAddr::new(ip, p.base_url.port)],
             Err(_) => Vec::new(),
         };
@@ -237,7 +242,8 @@ impl Gateway {
         if declared.is_some_and(|n| n as usize <= REPLAY_LIMIT) {
             session.enable_retry_buffering();
         }
-        let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(0).min(max as u64) as usize);
+        let mut buf =
+            bytes::BytesMut::with_capacity(declared.unwrap_or(0).min(max as u64) as usize);
         loop {
             match session.read_request_body().await {
                 Ok(Some(chunk)) => {
@@ -249,7 +255,9 @@ impl Gateway {
                 Ok(None) => break,
                 Err(e) => {
                     log::debug!("reading request body: {e}");
-                    return Err(ProxyError::InvalidJson("the request body could not be read".into()));
+                    return Err(ProxyError::InvalidJson(
+                        "the request body could not be read".into(),
+                    ));
                 }
             }
         }
@@ -272,12 +280,15 @@ impl Gateway {
         let provider = self.config.providers.get(pi).ok_or(ProxyError::Internal)?;
         let model = provider.models.get(mi).ok_or(ProxyError::Internal)?;
         let canonical = format!("{}/{}", provider.name, model.name);
-        if !key.record.allows_model(&head.model, &canonical) && !key.record.allows_model(&model.name, &canonical) {
+        if !key.record.allows_model(&head.model, &canonical)
+            && !key.record.allows_model(&model.name, &canonical)
+        {
             return Err(ProxyError::ModelNotAllowed(head.model.clone()));
         }
         let upstream_model = model.upstream_name.as_deref().unwrap_or(&model.name);
         let force_usage = head.stream && provider.stream_usage && endpoint != Endpoint::Embeddings;
-        let upstream_body = request::upstream_body(&body, &head, Some(upstream_model), force_usage)?;
+        let upstream_body =
+            request::upstream_body(&body, &head, Some(upstream_model), force_usage)?;
         Ok(Prepared {
             request_id: ctx.request_id.clone().unwrap_or_else(|| Arc::from("")),
             key,
@@ -309,7 +320,11 @@ impl Gateway {
                 }
                 // The first provider offering a name serves the bare name; others
                 // stay reachable by their explicit provider/model form.
-                let id = if seen.insert(m.name.clone()) { m.name.clone() } else { canonical };
+                let id = if seen.insert(m.name.clone()) {
+                    m.name.clone()
+                } else {
+                    canonical
+                };
                 data.push(serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": p.name}));
             }
         }
@@ -321,7 +336,12 @@ impl Gateway {
 
     /// Hands a call whose body exceeds the replay buffer to a subrequest that reads
     /// the prepared body from memory; the subrequest runs every upstream phase.
-    async fn delegate(&self, session: &mut Session, ctx: &mut Ctx, prepared: Prepared) -> Result<bool> {
+    async fn delegate(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        prepared: Prepared,
+    ) -> Result<bool> {
         let Some(spawner) = session.subrequest_spawner.as_ref() else {
             return self.refuse(session, ctx, ProxyError::Internal).await;
         };
@@ -412,7 +432,11 @@ impl Gateway {
                     }
                     _ if !upstream_ok => None,
                     _ => {
-                        row.token_source = if cut { TokenSource::Partial } else { TokenSource::Counted };
+                        row.token_source = if cut {
+                            TokenSource::Partial
+                        } else {
+                            TokenSource::Counted
+                        };
                         row.completion_tokens = acc.counted_completion_tokens(tok);
                         Some(CountJob::Prompt(tok, p.endpoint, p.client_body.clone()))
                     }
@@ -425,8 +449,17 @@ impl Gateway {
                 }
                 None if !upstream_ok || overflow => None,
                 None => {
-                    row.token_source = if ctx.response_complete { TokenSource::Counted } else { TokenSource::Partial };
-                    Some(CountJob::PromptAndResponse(tok, p.endpoint, p.client_body.clone(), Bytes::from(buf)))
+                    row.token_source = if ctx.response_complete {
+                        TokenSource::Counted
+                    } else {
+                        TokenSource::Partial
+                    };
+                    Some(CountJob::PromptAndResponse(
+                        tok,
+                        p.endpoint,
+                        p.client_body.clone(),
+                        Bytes::from(buf),
+                    ))
                 }
             },
             ResponseAccounting::None => None,
@@ -476,8 +509,12 @@ impl CountJob {
             CountJob::Prompt(tok, ep, body) => (prompt(tok, ep, &body), None),
             CountJob::PromptAndResponse(tok, ep, body, resp) => {
                 let completion = match ep {
-                    Endpoint::ChatCompletions => count::count_chat_completion_response(tok, &resp).unwrap_or(0),
-                    Endpoint::Completions => count::count_text_completion_response(tok, &resp).unwrap_or(0),
+                    Endpoint::ChatCompletions => {
+                        count::count_chat_completion_response(tok, &resp).unwrap_or(0)
+                    }
+                    Endpoint::Completions => {
+                        count::count_text_completion_response(tok, &resp).unwrap_or(0)
+                    }
                     Endpoint::Embeddings => 0,
                 };
                 (prompt(tok, ep, &body), Some(completion))
@@ -518,8 +555,12 @@ fn upstream_error_kind(e: &Error) -> &'static str {
     match e.etype() {
         ErrorType::ConnectTimedout => "connect_timeout",
         ErrorType::ReadTimedout | ErrorType::WriteTimedout => "timeout",
-        ErrorType::ConnectRefused | ErrorType::ConnectNoRoute | ErrorType::ConnectError => "connect",
-        ErrorType::TLSHandshakeFailure | ErrorType::InvalidCert | ErrorType::TLSWantX509Lookup => "tls",
+        ErrorType::ConnectRefused | ErrorType::ConnectNoRoute | ErrorType::ConnectError => {
+            "connect"
+        }
+        ErrorType::TLSHandshakeFailure | ErrorType::InvalidCert | ErrorType::TLSWantX509Lookup => {
+            "tls"
+        }
         ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError => "reset",
         _ => "other",
     }
@@ -567,7 +608,14 @@ impl ProxyHttp for Gateway {
             Err(e) => return self.refuse(session, ctx, e).await,
         };
         if route == Route::Health {
-            respond_json(session, 200, Bytes::from_static(br#"{"status":"ok"}"#), ctx, None).await?;
+            respond_json(
+                session,
+                200,
+                Bytes::from_static(br#"{"status":"ok"}"#),
+                ctx,
+                None,
+            )
+            .await?;
             return Ok(true);
         }
         let auth = session
@@ -578,7 +626,9 @@ impl ProxyHttp for Gateway {
         let key = match self.keys.authenticate(auth, usage_mod::now_ms()).await {
             Ok(k) => k,
             Err(AuthError::Unavailable) => {
-                return self.refuse(session, ctx, ProxyError::KeyStoreUnavailable).await
+                return self
+                    .refuse(session, ctx, ProxyError::KeyStoreUnavailable)
+                    .await
             }
             Err(e) => return self.refuse(session, ctx, ProxyError::Auth(e)).await,
         };
@@ -593,11 +643,19 @@ impl ProxyHttp for Gateway {
             return Ok(true);
         };
         ctx.endpoint = Some(endpoint);
-        let key_id = ctx.key.as_ref().map(|k| k.record.id.as_str()).unwrap_or_default();
+        let key_id = ctx
+            .key
+            .as_ref()
+            .map(|k| k.record.id.as_str())
+            .unwrap_or_default();
         ctx.decision = self.limiter.check_requests(key_id, tier_rpm);
         if let Some(Decision::Deny(_)) = ctx.decision {
-            metrics::RATE_LIMITED.with_label_values(&["requests_per_minute"]).inc();
-            return self.refuse(session, ctx, ProxyError::RateLimited("requests per minute")).await;
+            metrics::RATE_LIMITED
+                .with_label_values(&["requests_per_minute"])
+                .inc();
+            return self
+                .refuse(session, ctx, ProxyError::RateLimited("requests per minute"))
+                .await;
         }
         let prepared = match self.prepare(session, ctx, endpoint).await {
             Ok(p) => p,
@@ -621,8 +679,7 @@ impl ProxyHttp for Gateway {
             .get(p.provider)
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "unknown provider"))?;
         let addr = up.pick().ok_or_else(|| {
-            Error::explain(ErrorType::ConnectNoRoute, "provider address not resolved")
-                .into_up()
+            Error::explain(ErrorType::ConnectNoRoute, "provider address not resolved").into_up()
         })?;
         let mut peer = HttpPeer::new(addr, up.tls, up.sni.clone());
         let t = &self.config.upstream;
@@ -712,13 +769,17 @@ impl ProxyHttp for Gateway {
             .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
         let strip = ctx.prepared.as_ref().is_some_and(|p| p.strip_usage_chunk);
         if is_sse {
-            ctx.response = ResponseAccounting::Stream(Box::new(StreamAccounting::new(SSE_EVENT_LIMIT)));
+            ctx.response =
+                ResponseAccounting::Stream(Box::new(StreamAccounting::new(SSE_EVENT_LIMIT)));
             if strip {
                 // We drop the usage event the client did not ask for: the length changes.
                 resp.remove_header("content-length");
             }
         } else {
-            ctx.response = ResponseAccounting::Json { buf: Vec::new(), overflow: false };
+            ctx.response = ResponseAccounting::Json {
+                buf: Vec::new(),
+                overflow: false,
+            };
         }
         if let Some(id) = &ctx.request_id {
             resp.insert_header("x-request-id", id.as_ref())?;
@@ -772,21 +833,32 @@ impl ProxyHttp for Gateway {
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         let client_gone = e.esource() == &ErrorSource::Downstream
-            && matches!(e.etype(), ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed);
+            && matches!(
+                e.etype(),
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed
+            );
         if client_gone {
             ctx.failure = Some("client_closed");
-            return FailToProxy { error_code: 0, can_reuse_downstream: false };
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
         }
         let err = match e.etype() {
             ErrorType::HTTPStatus(code) => {
                 // Produced by us; the response (if any) was already written.
                 ctx.failure = Some("refused");
-                return FailToProxy { error_code: *code, can_reuse_downstream: false };
+                return FailToProxy {
+                    error_code: *code,
+                    can_reuse_downstream: false,
+                };
             }
             _ => map_upstream_error(e),
         };
         if e.esource() == &ErrorSource::Upstream {
-            metrics::UPSTREAM_ERRORS.with_label_values(&[upstream_error_kind(e)]).inc();
+            metrics::UPSTREAM_ERRORS
+                .with_label_values(&[upstream_error_kind(e)])
+                .inc();
         }
         ctx.failure = Some(err.code());
         let code = err.status();
@@ -794,17 +866,26 @@ impl ProxyHttp for Gateway {
             if let Err(we) = respond_json(session, code, err.body(), ctx, None).await {
                 log::debug!("could not send error response: {we}");
             }
-            return FailToProxy { error_code: code, can_reuse_downstream: false };
+            return FailToProxy {
+                error_code: code,
+                can_reuse_downstream: false,
+            };
         }
         // Headers are out. For a stream, say so in-band rather than end silently,
         // which a client would take for a complete answer.
         if matches!(ctx.response, ResponseAccounting::Stream(_)) && !ctx.stream_error_sent {
             ctx.stream_error_sent = true;
-            if let Err(we) = session.write_response_body(Some(err.sse_event()), true).await {
+            if let Err(we) = session
+                .write_response_body(Some(err.sse_event()), true)
+                .await
+            {
                 log::debug!("could not send in-band error: {we}");
             }
         }
-        FailToProxy { error_code: code, can_reuse_downstream: false }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
@@ -817,13 +898,22 @@ impl ProxyHttp for Gateway {
             .unwrap_or(0);
         if let Some(err) = e {
             if ctx.failure.is_none() {
-                ctx.failure = Some(if err.esource() == &ErrorSource::Downstream { "client_closed" } else { "upstream_error" });
+                ctx.failure = Some(if err.esource() == &ErrorSource::Downstream {
+                    "client_closed"
+                } else {
+                    "upstream_error"
+                });
             }
         }
         let model_label = ctx
             .prepared
             .as_ref()
-            .and_then(|p| self.config.providers.get(p.provider).and_then(|pr| pr.models.get(p.model)))
+            .and_then(|p| {
+                self.config
+                    .providers
+                    .get(p.provider)
+                    .and_then(|pr| pr.models.get(p.model))
+            })
             .map(|m| m.name.clone())
             .unwrap_or_else(|| "unknown".to_owned());
         metrics::REQUESTS
@@ -838,7 +928,9 @@ impl ProxyHttp for Gateway {
         };
         if let Some(job) = job {
             let (prompt, completion) = if job.size() > INLINE_COUNT_LIMIT {
-                tokio::task::spawn_blocking(move || job.run()).await.unwrap_or((0, None))
+                tokio::task::spawn_blocking(move || job.run())
+                    .await
+                    .unwrap_or((0, None))
             } else {
                 job.run()
             };
@@ -849,8 +941,12 @@ impl ProxyHttp for Gateway {
         }
         self.finish_row(ctx, &mut row);
         if row.token_source != TokenSource::None {
-            metrics::TOKENS.with_label_values(&[model_label.as_str(), "prompt"]).inc_by(row.prompt_tokens);
-            metrics::TOKENS.with_label_values(&[model_label.as_str(), "completion"]).inc_by(row.completion_tokens);
+            metrics::TOKENS
+                .with_label_values(&[model_label.as_str(), "prompt"])
+                .inc_by(row.prompt_tokens);
+            metrics::TOKENS
+                .with_label_values(&[model_label.as_str(), "completion"])
+                .inc_by(row.completion_tokens);
             metrics::COST_USD
                 .with_label_values(&[model_label.as_str()])
                 .inc_by(row.cost_pusd as f64 / 1e12);

@@ -157,7 +157,10 @@ fn classify_json_error(body: &[u8], e: serde_json::Error) -> ProxyError {
     if e.is_data() {
         // Valid JSON, wrong shape: say which.
         if let Ok(m) = serde_json::from_slice::<ModelAny>(body) {
-            if m.model.as_ref().is_some_and(|v| !v.is_string() && !v.is_null()) {
+            if m.model
+                .as_ref()
+                .is_some_and(|v| !v.is_string() && !v.is_null())
+            {
                 return ProxyError::InvalidField("model", "must be a string");
             }
         }
@@ -233,29 +236,51 @@ mod tests {
             route("POST", "/v1/chat/completions/"),
             Ok(Route::Proxy(Endpoint::ChatCompletions))
         );
-        assert_eq!(route("GET", "/v1/chat/completions"), Err(ProxyError::MethodNotAllowed));
+        assert_eq!(
+            route("GET", "/v1/chat/completions"),
+            Err(ProxyError::MethodNotAllowed)
+        );
         assert_eq!(route("POST", "/admin"), Err(ProxyError::NotFound));
         assert_eq!(route("POST", "/"), Err(ProxyError::NotFound));
     }
 
     #[test]
     fn heads() {
-        let h = parse_head(br#"{"messages":[{"role":"user","content":"hi"}],"stream":true,"model":"gpt-4o-mini"}"#).unwrap();
+        let h = parse_head(
+            br#"{"messages":[{"role":"user","content":"hi"}],"stream":true,"model":"gpt-4o-mini"}"#,
+        )
+        .unwrap();
         assert_eq!(h.model, "gpt-4o-mini");
         assert!(h.stream);
         assert!(!h.include_usage);
-        let h = parse_head(br#"{"model":"m\u00e9","stream_options":{"include_usage":true}}"#).unwrap();
+        let h =
+            parse_head(br#"{"model":"m\u00e9","stream_options":{"include_usage":true}}"#).unwrap();
         assert_eq!(h.model, "mé");
         assert!(h.include_usage && h.has_stream_options);
         assert_eq!(parse_head(b""), Err(ProxyError::EmptyBody));
         assert_eq!(parse_head(b"  \n"), Err(ProxyError::EmptyBody));
         assert!(matches!(parse_head(b"{"), Err(ProxyError::InvalidJson(_))));
-        assert!(matches!(parse_head(b"[1,2]"), Err(ProxyError::InvalidJson(_))));
-        assert!(matches!(parse_head(b"\xff\xfe"), Err(ProxyError::InvalidJson(_))));
+        assert!(matches!(
+            parse_head(b"[1,2]"),
+            Err(ProxyError::InvalidJson(_))
+        ));
+        assert!(matches!(
+            parse_head(b"\xff\xfe"),
+            Err(ProxyError::InvalidJson(_))
+        ));
         assert_eq!(parse_head(b"{}"), Err(ProxyError::MissingModel));
-        assert_eq!(parse_head(br#"{"model":5}"#), Err(ProxyError::InvalidField("model", "must be a string")));
-        assert_eq!(parse_head(br#"{"model":"a","stream":"yes"}"#), Err(ProxyError::InvalidField("stream", "must be a boolean")));
-        assert_eq!(parse_head(br#"{"model":""}"#), Err(ProxyError::InvalidField("model", "must not be empty")));
+        assert_eq!(
+            parse_head(br#"{"model":5}"#),
+            Err(ProxyError::InvalidField("model", "must be a string"))
+        );
+        assert_eq!(
+            parse_head(br#"{"model":"a","stream":"yes"}"#),
+            Err(ProxyError::InvalidField("stream", "must be a boolean"))
+        );
+        assert_eq!(
+            parse_head(br#"{"model":""}"#),
+            Err(ProxyError::InvalidField("model", "must not be empty"))
+        );
     }
 
     #[test]
@@ -272,9 +297,12 @@ mod tests {
         let v: Value = serde_json::from_slice(&renamed).unwrap();
         assert_eq!(v["model"], "b");
         assert_eq!(v["stream_options"]["include_usage"], true);
-        let raw = Bytes::from_static(br#"{"model":"a","stream":true,"stream_options":{"include_usage":false}}"#);
+        let raw = Bytes::from_static(
+            br#"{"model":"a","stream":true,"stream_options":{"include_usage":false}}"#,
+        );
         let h = parse_head(&raw).unwrap();
-        let v: Value = serde_json::from_slice(&upstream_body(&raw, &h, None, true).unwrap()).unwrap();
+        let v: Value =
+            serde_json::from_slice(&upstream_body(&raw, &h, None, true).unwrap()).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], true);
     }
 }

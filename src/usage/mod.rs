@@ -193,7 +193,12 @@ static SEQ: AtomicU64 = AtomicU64::new(0);
 /// Cheap enough for every request (no syscall): the node tag is drawn once per process.
 pub fn new_request_id(now_ms: i64) -> String {
     let seq = SEQ.fetch_add(1, Ordering::Relaxed);
-    format!("req_{:011x}{:08x}{:08x}", now_ms.max(0), *NODE_TAG, seq as u32)
+    format!(
+        "req_{:011x}{:08x}{:08x}",
+        now_ms.max(0),
+        *NODE_TAG,
+        seq as u32
+    )
 }
 
 #[cfg(test)]
