@@ -179,6 +179,9 @@ impl KeyCache {
 /// Extracts the token from `Bearer <token>` (scheme case-insensitive) or a bare token.
 pub fn bearer_token(header: Option<&[u8]>) -> Option<&str> {
     let v = std::str::from_utf8(header?).ok()?.trim();
+    if v.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
     let token = match v.split_once(' ') {
         Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest.trim(),
         Some(_) => return None,
