@@ -17,6 +17,19 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
+# The OpenAI SDK check drives the gateway with the official Python client.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import openai" 2>/dev/null; then
+  echo "==> installing the openai Python SDK into .venv (for the SDK compatibility test)"
+  if ! python3 -m venv .venv >/dev/null 2>&1; then
+    SUDO=""
+    [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
+    python3 -m venv .venv
+  fi
+  .venv/bin/pip install -q --disable-pip-version-check openai
+fi
+export AI4FREE_TEST_PYTHON="$PWD/.venv/bin/python"
+
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -855,3 +855,40 @@ fn metrics_are_valid_prometheus_text() {
     // The proxy port does not serve metrics.
     assert_eq!(get(&gw, None, "/metrics").status, 404);
 }
+
+/// The official OpenAI Python SDK, unchanged, against the gateway. `scripts/test.sh`
+/// installs the SDK into a venv and points `AI4FREE_TEST_PYTHON` at it; a plain
+/// `cargo test` without it says so and skips.
+#[test]
+fn openai_python_sdk_works_unchanged() {
+    let Ok(python) = std::env::var("AI4FREE_TEST_PYTHON") else {
+        eprintln!(
+            "AI4FREE_TEST_PYTHON not set (scripts/test.sh sets it): skipping the OpenAI SDK check"
+        );
+        return;
+    };
+    let gw = TestGateway::start();
+    let (_, key) = gw.create_key("pro", &[], None);
+    let out = std::process::Command::new(python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/sdk/openai_sdk.py"
+        ))
+        .arg(format!("http://{}/v1", gw.addr))
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "SDK check failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // chat ×3, embeddings, completions, the unknown model; the bad key has no row.
+    let store = gw.store();
+    gw.stop();
+    let rows = rt()
+        .block_on(store.query_usage(&Default::default()))
+        .unwrap();
+    assert_eq!(rows.len(), 6, "{rows:?}");
+}
