@@ -224,35 +224,64 @@ fn read_storage(r: &mut Reader, f: &Fields<'_>) -> Storage {
 }
 
 fn read_providers(r: &mut Reader, f: &Fields<'_>) -> Vec<Provider> {
-    let path = f.path("providers");
-    let Some(v) = f.get("providers") else {
-        r.error(
-            &path,
-            "required key is missing (configure at least one provider)",
-        );
+    read_named_list(
+        r,
+        f,
+        NamedList {
+            key: "providers",
+            missing: "required key is missing (configure at least one provider)",
+            empty: "at least one provider is required",
+            duplicate: ("duplicate provider name", ""),
+        },
+        read_provider,
+        |p| &p.name,
+    )
+}
+
+/// What a required, non-empty list of uniquely named items says when it is wrong.
+struct NamedList {
+    key: &'static str,
+    missing: &'static str,
+    empty: &'static str,
+    /// Message before and after the quoted duplicate name.
+    duplicate: (&'static str, &'static str),
+}
+
+/// Reads a required list whose items have unique names, reporting every problem.
+fn read_named_list<T>(
+    r: &mut Reader,
+    f: &Fields<'_>,
+    what: NamedList,
+    read_one: impl Fn(&mut Reader, &str, &Value) -> Option<T>,
+    name_of: impl Fn(&T) -> &String,
+) -> Vec<T> {
+    let path = f.path(what.key);
+    let Some(v) = f.get(what.key) else {
+        r.error(&path, what.missing);
         return Vec::new();
     };
     let Some(items) = r.list(&path, v) else {
         return Vec::new();
     };
     if items.is_empty() {
-        r.error(&path, "at least one provider is required");
+        r.error(&path, what.empty);
     }
-    let mut providers = Vec::with_capacity(items.len());
+    let mut out = Vec::with_capacity(items.len());
     let mut seen: HashSet<String> = HashSet::new();
     for (i, v) in items.iter().enumerate() {
-        let p_path = item(&path, i);
-        if let Some(provider) = read_provider(r, &p_path, v) {
-            if !seen.insert(provider.name.clone()) {
+        let item_path = item(&path, i);
+        if let Some(one) = read_one(r, &item_path, v) {
+            let name = name_of(&one);
+            if !seen.insert(name.clone()) {
                 r.error(
-                    &child(&p_path, "name"),
-                    format!("duplicate provider name {:?}", provider.name),
+                    &child(&item_path, "name"),
+                    format!("{} {name:?}{}", what.duplicate.0, what.duplicate.1),
                 );
             }
-            providers.push(provider);
+            out.push(one);
         }
     }
-    providers
+    out
 }
 
 fn read_provider(r: &mut Reader, path: &str, v: &Value) -> Option<Provider> {
@@ -337,32 +366,18 @@ fn read_headers(r: &mut Reader, f: &Fields<'_>) -> Vec<(String, String)> {
 }
 
 fn read_models(r: &mut Reader, f: &Fields<'_>) -> Vec<Model> {
-    let path = f.path("models");
-    let Some(v) = f.get("models") else {
-        r.error(&path, "required key is missing (list at least one model)");
-        return Vec::new();
-    };
-    let Some(items) = r.list(&path, v) else {
-        return Vec::new();
-    };
-    if items.is_empty() {
-        r.error(&path, "at least one model is required");
-    }
-    let mut models = Vec::with_capacity(items.len());
-    let mut seen: HashSet<String> = HashSet::new();
-    for (i, v) in items.iter().enumerate() {
-        let m_path = item(&path, i);
-        if let Some(model) = read_model(r, &m_path, v) {
-            if !seen.insert(model.name.clone()) {
-                r.error(
-                    &child(&m_path, "name"),
-                    format!("duplicate model name {:?} in this provider", model.name),
-                );
-            }
-            models.push(model);
-        }
-    }
-    models
+    read_named_list(
+        r,
+        f,
+        NamedList {
+            key: "models",
+            missing: "required key is missing (list at least one model)",
+            empty: "at least one model is required",
+            duplicate: ("duplicate model name", " in this provider"),
+        },
+        read_model,
+        |m| &m.name,
+    )
 }
 
 fn read_model(r: &mut Reader, path: &str, v: &Value) -> Option<Model> {

@@ -199,6 +199,19 @@ fn rate_headers(h: &mut ResponseHeader, d: &Decision) -> Result<()> {
 }
 
 impl Gateway {
+    /// The prepared call and the provider it goes to; every upstream phase needs both.
+    fn target<'a>(&'a self, ctx: &'a Ctx) -> Result<(&'a Prepared, &'a Upstream)> {
+        let p = ctx
+            .prepared
+            .as_ref()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no prepared request"))?;
+        let up = self
+            .upstreams
+            .get(p.provider)
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "unknown provider"))?;
+        Ok((p, up))
+    }
+
     async fn refuse(&self, session: &mut Session, ctx: &mut Ctx, err: ProxyError) -> Result<bool> {
         // The body may be large and unread: closing beats draining megabytes.
         session.set_keepalive(None);
@@ -670,14 +683,7 @@ impl ProxyHttp for Gateway {
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        let p = ctx
-            .prepared
-            .as_ref()
-            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no prepared request"))?;
-        let up = self
-            .upstreams
-            .get(p.provider)
-            .ok_or_else(|| Error::explain(ErrorType::InternalError, "unknown provider"))?;
+        let (p, up) = self.target(ctx)?;
         let addr = up.pick().ok_or_else(|| {
             Error::explain(ErrorType::ConnectNoRoute, "provider address not resolved").into_up()
         })?;
@@ -704,14 +710,7 @@ impl ProxyHttp for Gateway {
         req: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        let p = ctx
-            .prepared
-            .as_ref()
-            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no prepared request"))?;
-        let up = self
-            .upstreams
-            .get(p.provider)
-            .ok_or_else(|| Error::explain(ErrorType::InternalError, "unknown provider"))?;
+        let (p, up) = self.target(ctx)?;
         let path = format!("{}{}", up.path_prefix, p.endpoint.upstream_suffix());
         let uri = http::Uri::try_from(path)
             .map_err(|_| Error::explain(ErrorType::InternalError, "bad upstream path"))?;
