@@ -184,7 +184,7 @@ fn keys_lifecycle_through_the_cli() {
         .success());
     // The database holds no secret.
     let db = std::fs::read(dir.path().join("data/ai4free.db")).unwrap();
-    assert!(!db.windows(22).any(|w| w == key[17..39].as_bytes()));
+    assert!(!db.windows(22).any(|w| w == &key.as_bytes()[17..39]));
 }
 
 #[test]
