@@ -16,7 +16,6 @@ use pingora::services::background::{background_service, BackgroundService};
 
 use crate::config::Config;
 use crate::keys::cache::{KeyCache, KeyRefresher};
-use crate::limits::LocalLimiter;
 use crate::proxy::{Gateway, Upstream};
 use crate::store::{self, Store, StoreError};
 use crate::tokens::count::Tokenizer;
@@ -191,13 +190,12 @@ pub fn serve(
     let mut server = Server::new_with_opt_and_conf(None, server_conf(&config));
     server.bootstrap();
 
-    let gateway = Gateway {
-        config: config.clone(),
-        keys: app.keys.clone(),
-        limiter: Arc::new(LocalLimiter::default()),
-        usage: sink,
-        upstreams: app.upstreams.clone(),
-    };
+    let gateway = Gateway::new(
+        config.clone(),
+        app.keys.clone(),
+        sink,
+        app.upstreams.clone(),
+    );
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
         gateway,

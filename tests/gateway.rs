@@ -892,3 +892,26 @@ fn openai_python_sdk_works_unchanged() {
         .unwrap();
     assert_eq!(rows.len(), 6, "{rows:?}");
 }
+
+#[test]
+fn bench_ablations_switch_capabilities_off() {
+    let gw = TestGateway::with(Options {
+        extra_yaml: "bench_ablate: [auth, limits, usage, counting, metrics]".into(),
+        ..Default::default()
+    });
+    // No key needed, no limit headers, and nothing recorded: the benchmark's ablated gateway.
+    let r = post(&gw, None, "/v1/chat/completions", &chat(true), &[]);
+    assert_eq!(r.status, 200);
+    assert!(r.header("x-ratelimit-limit-requests").is_none());
+    let up = gw.mock.last_request().unwrap().json().unwrap();
+    assert!(
+        up.get("stream_options").is_none(),
+        "counting off must not ask for usage"
+    );
+    let store = gw.store();
+    gw.stop();
+    assert!(rt()
+        .block_on(store.query_usage(&Default::default()))
+        .unwrap()
+        .is_empty());
+}

@@ -46,6 +46,8 @@ pub struct Config {
     pub usage: UsageSettings,
     /// API key cache settings (`keys`).
     pub keys: KeySettings,
+    /// Capabilities switched off for benchmark ablations (`bench_ablate`).
+    pub ablate: Ablations,
     /// Built once at load so request-path lookups are a hash probe.
     index: ModelIndex,
 }
@@ -383,6 +385,39 @@ impl fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
+
+/// Capabilities a benchmark may switch off one at a time to measure their cost
+/// (`bench_ablate: [auth, limits, usage, counting, metrics]`). Never for production:
+/// `serve` logs a warning for each one that is off.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ablations {
+    /// No key check: every request runs as one synthetic key of the first tier.
+    pub auth: bool,
+    /// No limit check.
+    pub limits: bool,
+    /// No usage row.
+    pub usage: bool,
+    /// No response accounting (no SSE parsing, no JSON buffering, no counting).
+    pub counting: bool,
+    /// No metric updates on the request path.
+    pub metrics: bool,
+}
+
+impl Ablations {
+    /// The names of the capabilities that are off.
+    pub fn names(&self) -> Vec<&'static str> {
+        [
+            ("auth", self.auth),
+            ("limits", self.limits),
+            ("usage", self.usage),
+            ("counting", self.counting),
+            ("metrics", self.metrics),
+        ]
+        .into_iter()
+        .filter_map(|(n, off)| off.then_some(n))
+        .collect()
+    }
+}
 
 impl Config {
     /// Limits the config contract accepts but this build does not enforce yet, one

@@ -9,8 +9,8 @@ use serde_yaml_ng::Value;
 
 use super::reader::{child, describe, item, Fields, Reader};
 use super::{
-    values, BaseUrl, Config, ConfigError, ConfigErrors, KeySettings, Model, ModelIndex, Price,
-    Provider, ServerSettings, Storage, Tier, TokenizerName, UpstreamTimeouts, UsageSettings,
+    values, Ablations, BaseUrl, Config, ConfigError, ConfigErrors, KeySettings, Model, ModelIndex,
+    Price, Provider, ServerSettings, Storage, Tier, TokenizerName, UpstreamTimeouts, UsageSettings,
     UsdAmount,
 };
 
@@ -39,6 +39,7 @@ const TOP_KEYS: &[&str] = &[
     "server",
     "usage",
     "keys",
+    "bench_ablate",
 ];
 const PROVIDER_KEYS: &[&str] = &[
     "name",
@@ -158,6 +159,7 @@ fn read_root(r: &mut Reader, root: &Value) -> Option<Config> {
     let server = read_server(r, &f);
     let usage = read_usage(r, &f);
     let keys = read_keys(r, &f);
+    let ablate = read_ablate(r, &f);
 
     let index = ModelIndex::build(&providers);
     Some(Config {
@@ -171,8 +173,38 @@ fn read_root(r: &mut Reader, root: &Value) -> Option<Config> {
         server,
         usage,
         keys,
+        ablate,
         index,
     })
+}
+
+fn read_ablate(r: &mut Reader, f: &Fields<'_>) -> Ablations {
+    let mut a = Ablations::default();
+    let Some(v) = f.get("bench_ablate") else {
+        return a;
+    };
+    let path = f.path("bench_ablate");
+    let Some(items) = r.list(&path, v) else {
+        return a;
+    };
+    for (i, v) in items.iter().enumerate() {
+        let p = item(&path, i);
+        let Some(name) = r.string(&p, v) else {
+            continue;
+        };
+        match name.as_str() {
+            "auth" => a.auth = true,
+            "limits" => a.limits = true,
+            "usage" => a.usage = true,
+            "counting" => a.counting = true,
+            "metrics" => a.metrics = true,
+            other => r.error(
+                &p,
+                format!("unknown capability {other:?} (expected one of: auth, limits, usage, counting, metrics)"),
+            ),
+        }
+    }
+    a
 }
 
 /// Values are range-checked far below `usize::MAX` on 64-bit targets; saturate

@@ -337,7 +337,7 @@ keys:
     let got = errors(text);
     // Unknown keys of a map are reported first, then its fields in schema order.
     let expected = [
-        "bogus: unknown key (expected one of: listen, metrics_listen, storage, max_body_bytes, providers, tiers, upstream, server, usage, keys)",
+        "bogus: unknown key (expected one of: listen, metrics_listen, storage, max_body_bytes, providers, tiers, upstream, server, usage, keys, bench_ablate)",
         "listen: expected an IP:port address like \"127.0.0.1:8080\" or \"[::1]:8080\", got \"localhost\"",
         "storage: expected sqlite://<path>, sqlite::memory:, postgres://... or postgresql://..., got \"mysql://x\"",
         "max_body_bytes: must be between 1024 and 1073741824, got 10",
@@ -772,4 +772,22 @@ fn errors_display_one_per_line() {
         },
     ]);
     assert_eq!(e.to_string(), "file.yaml: broken\na.b: bad");
+}
+
+#[test]
+fn bench_ablations_parse_and_reject_unknown_names() {
+    let base = "providers:\n  - name: p\n    base_url: http://127.0.0.1:1/v1\n    models: [{ name: m }]\ntiers:\n  t: { requests_per_minute: 1 }\n";
+    let c = Config::from_yaml_str(&format!("{base}bench_ablate: [auth, counting]\n")).unwrap();
+    assert!(c.ablate.auth && c.ablate.counting && !c.ablate.usage);
+    assert_eq!(c.ablate.names(), vec!["auth", "counting"]);
+    assert_eq!(
+        Config::from_yaml_str(base).unwrap().ablate,
+        Ablations::default()
+    );
+    let e = Config::from_yaml_str(&format!("{base}bench_ablate: [auth, cache]\n")).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("bench_ablate[1]: unknown capability \"cache\""),
+        "{e}"
+    );
 }

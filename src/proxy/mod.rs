@@ -44,7 +44,7 @@ use request::{Endpoint, Route};
 
 use crate::config::{Config, Model, Provider};
 use crate::error::ProxyError;
-use crate::keys::cache::{AuthError, KeyCache};
+use crate::keys::cache::{AuthError, KeyCache, KeyEntry};
 use crate::limits::{self, Decision, LocalLimiter};
 use crate::metrics;
 use crate::tokens::count::Tokenizer;
@@ -154,6 +154,47 @@ pub struct Gateway {
     pub usage: UsageSink,
     /// Dialing view of each provider, in config order.
     pub upstreams: Arc<Vec<Upstream>>,
+    /// With `bench_ablate: [auth]`, the one key every request runs as.
+    pub bench_key: Option<Arc<KeyEntry>>,
+}
+
+impl Gateway {
+    /// The gateway over `config`'s shared state.
+    pub fn new(
+        config: Arc<Config>,
+        keys: Arc<KeyCache>,
+        usage: UsageSink,
+        upstreams: Arc<Vec<Upstream>>,
+    ) -> Gateway {
+        let bench_key = config.ablate.auth.then(|| {
+            Arc::new(KeyEntry {
+                record: crate::keys::KeyRecord {
+                    id: "bench-ablate-auth".into(),
+                    name: None,
+                    owner: None,
+                    project: None,
+                    tier: config.tiers.keys().next().cloned().unwrap_or_default(),
+                    models: Vec::new(),
+                    created_at_ms: 0,
+                    expires_at_ms: None,
+                    revoked_at_ms: None,
+                    secret_hash: [0; 32],
+                    rev: 0,
+                },
+            })
+        });
+        for name in config.ablate.names() {
+            log::warn!("bench_ablate: {name} is OFF; this configuration is for benchmarks only");
+        }
+        Gateway {
+            config,
+            keys,
+            limiter: Arc::new(LocalLimiter::default()),
+            usage,
+            upstreams,
+            bench_key,
+        }
+    }
 }
 
 fn tokenizer_of(m: &Model) -> Tokenizer {
@@ -299,7 +340,10 @@ impl Gateway {
             return Err(ProxyError::ModelNotAllowed(head.model.clone()));
         }
         let upstream_model = model.upstream_name.as_deref().unwrap_or(&model.name);
-        let force_usage = head.stream && provider.stream_usage && endpoint != Endpoint::Embeddings;
+        let force_usage = head.stream
+            && provider.stream_usage
+            && endpoint != Endpoint::Embeddings
+            && !self.config.ablate.counting;
         let upstream_body =
             request::upstream_body(&body, &head, Some(upstream_model), force_usage)?;
         Ok(Prepared {
@@ -636,7 +680,11 @@ impl ProxyHttp for Gateway {
             .headers
             .get(http::header::AUTHORIZATION)
             .map(|v| v.as_bytes());
-        let key = match self.keys.authenticate(auth, usage_mod::now_ms()).await {
+        let authenticated = match &self.bench_key {
+            Some(k) => Ok(k.clone()),
+            None => self.keys.authenticate(auth, usage_mod::now_ms()).await,
+        };
+        let key = match authenticated {
             Ok(k) => k,
             Err(AuthError::Unavailable) => {
                 return self
@@ -661,7 +709,9 @@ impl ProxyHttp for Gateway {
             .as_ref()
             .map(|k| k.record.id.as_str())
             .unwrap_or_default();
-        ctx.decision = self.limiter.check_requests(key_id, tier_rpm);
+        if !self.config.ablate.limits {
+            ctx.decision = self.limiter.check_requests(key_id, tier_rpm);
+        }
         if let Some(Decision::Deny(_)) = ctx.decision {
             metrics::RATE_LIMITED
                 .with_label_values(&["requests_per_minute"])
@@ -767,7 +817,9 @@ impl ProxyHttp for Gateway {
             .get(http::header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
         let strip = ctx.prepared.as_ref().is_some_and(|p| p.strip_usage_chunk);
-        if is_sse {
+        if self.config.ablate.counting {
+            ctx.response = ResponseAccounting::None;
+        } else if is_sse {
             ctx.response =
                 ResponseAccounting::Stream(Box::new(StreamAccounting::new(SSE_EVENT_LIMIT)));
             if strip {
@@ -904,6 +956,9 @@ impl ProxyHttp for Gateway {
                 });
             }
         }
+        if self.config.ablate.usage && self.config.ablate.metrics {
+            return;
+        }
         let model_label = ctx
             .prepared
             .as_ref()
@@ -915,12 +970,18 @@ impl ProxyHttp for Gateway {
             })
             .map(|m| m.name.clone())
             .unwrap_or_else(|| "unknown".to_owned());
-        metrics::REQUESTS
-            .with_label_values(&[model_label.as_str(), status_label(status)])
-            .inc();
-        metrics::REQUEST_DURATION.observe(ctx.started.elapsed().as_secs_f64());
-        if let Some(fb) = ctx.first_byte {
-            metrics::TTFT.observe(fb.saturating_duration_since(ctx.started).as_secs_f64());
+        let with_metrics = !self.config.ablate.metrics;
+        if with_metrics {
+            metrics::REQUESTS
+                .with_label_values(&[model_label.as_str(), status_label(status)])
+                .inc();
+            metrics::REQUEST_DURATION.observe(ctx.started.elapsed().as_secs_f64());
+            if let Some(fb) = ctx.first_byte {
+                metrics::TTFT.observe(fb.saturating_duration_since(ctx.started).as_secs_f64());
+            }
+        }
+        if self.config.ablate.usage {
+            return;
         }
         let Some((mut row, job)) = self.build_usage(ctx, status) else {
             return;
@@ -939,7 +1000,7 @@ impl ProxyHttp for Gateway {
             }
         }
         self.finish_row(ctx, &mut row);
-        if row.token_source != TokenSource::None {
+        if with_metrics && row.token_source != TokenSource::None {
             metrics::TOKENS
                 .with_label_values(&[model_label.as_str(), "prompt"])
                 .inc_by(row.prompt_tokens);
