@@ -1,0 +1,290 @@
+//! Micro-benchmarks of the per-request cores the proxy calls on every request:
+//! key validation on a cache hit (and `keys::parse` alone), the rate-limit
+//! decision, SSE accounting of a streamed chat completion, and request-head
+//! parsing. Each is pure or cache-only, so these are CPU costs per call.
+//!
+//! Run: `cargo bench --bench hot_paths -- --warm-up-time 1 --measurement-time 3`.
+//! This machine is noisy: read the numbers as ratios within one run.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::future::Future;
+use std::hint::black_box;
+use std::path::Path;
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use ai4free::keys::cache::KeyCache;
+use ai4free::keys::KeyRecord;
+use ai4free::limits::LocalLimiter;
+use ai4free::proxy::request::parse_head;
+use ai4free::store::sqlite::SqliteStore;
+use ai4free::store::Store;
+use ai4free::tokens::usage::StreamAccounting;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+
+const NOW_MS: i64 = 1_790_000_000_000;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Polls a future once with a no-op waker: the cache-hit path never awaits
+/// anything that is pending, so this measures it without any runtime.
+fn poll_once<F: Future>(fut: F) -> F::Output {
+    let mut fut = pin!(fut);
+    match fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(out) => out,
+        Poll::Pending => panic!("the cache-hit path went pending"),
+    }
+}
+
+fn keys(c: &mut Criterion) {
+    let rt = runtime();
+    let new_key = ai4free::keys::generate().unwrap();
+    let cache = rt.block_on(async {
+        let store = SqliteStore::open(Path::new(":memory:")).unwrap();
+        store.migrate().await.unwrap();
+        store
+            .insert_key(&KeyRecord {
+                id: new_key.id.clone(),
+                name: Some("bench".into()),
+                owner: None,
+                project: None,
+                tier: "free".into(),
+                models: Vec::new(),
+                created_at_ms: NOW_MS - 1000,
+                expires_at_ms: None,
+                revoked_at_ms: None,
+                secret_hash: new_key.secret_hash,
+                rev: 0,
+            })
+            .await
+            .unwrap();
+        let store: Arc<dyn Store> = Arc::new(store);
+        let cache = KeyCache::new(store, Duration::from_secs(1));
+        assert_eq!(cache.prime().await.unwrap(), 1);
+        cache
+    });
+    let header = format!("Bearer {}", new_key.key).into_bytes();
+    assert!(poll_once(cache.authenticate(Some(&header), NOW_MS)).is_ok());
+
+    let mut group = c.benchmark_group("keys");
+    group.bench_function("parse", |b| {
+        b.iter(|| ai4free::keys::parse(black_box(&new_key.key)).is_ok())
+    });
+    // Three ways to drive the async `authenticate` on a cache hit: the bare
+    // future polled once (the cost itself), `Runtime::block_on` per call and
+    // criterion's `to_async` (both add the runtime's per-call overhead,
+    // measured alone by `block_on_empty`).
+    group.bench_function("authenticate_hit/poll_once", |b| {
+        b.iter(|| poll_once(cache.authenticate(Some(black_box(&header)), NOW_MS)).is_ok())
+    });
+    group.bench_function("authenticate_hit/block_on", |b| {
+        b.iter(|| {
+            rt.block_on(cache.authenticate(Some(black_box(&header)), NOW_MS))
+                .is_ok()
+        })
+    });
+    group.bench_function("authenticate_hit/to_async", |b| {
+        b.to_async(&rt).iter(|| async {
+            cache
+                .authenticate(Some(black_box(&header)), NOW_MS)
+                .await
+                .is_ok()
+        })
+    });
+    group.bench_function("block_on_empty", |b| {
+        b.iter(|| rt.block_on(async { black_box(1) }))
+    });
+    group.finish();
+}
+
+fn limiter(c: &mut Criterion) {
+    let mut group = c.benchmark_group("limiter/check_requests");
+    for n_keys in [1usize, 10_000] {
+        let limiter = LocalLimiter::default();
+        let ids: Vec<String> = (0..n_keys).map(|i| format!("key{i:09}")).collect();
+        let mut i = 0;
+        group.bench_function(BenchmarkId::from_parameter(format!("{n_keys}_keys")), |b| {
+            b.iter(|| {
+                i = (i + 1) % ids.len();
+                limiter.check_requests(black_box(&ids[i]), Some(1_000_000))
+            })
+        });
+    }
+    group.finish();
+}
+
+/// A realistic OpenAI chat stream with `include_usage`: a role chunk, one
+/// chunk per piece of the mock provider's completion corpus (40 pieces, with
+/// CJK, emoji, escapes), a finish chunk, the usage-only chunk and `[DONE]`,
+/// every chunk carrying `"usage":null` as OpenAI sends them.
+fn chat_stream(pieces: usize) -> Vec<u8> {
+    let prefix = "data: {\"id\":\"chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT\",\
+                  \"object\":\"chat.completion.chunk\",\"created\":1741569952,\
+                  \"model\":\"gpt-4o-2024-08-06\",\"system_fingerprint\":\"fp_eb9dce56a8\",\
+                  \"choices\":[";
+    let tail = ",\"usage\":null}\n\n";
+    let mut out = String::new();
+    out.push_str(prefix);
+    out.push_str(
+        "{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\",\"refusal\":null},\
+         \"logprobs\":null,\"finish_reason\":null}]",
+    );
+    out.push_str(tail);
+    let mut before = String::new();
+    for i in 0..pieces {
+        let upto = ai4free::mock::completion_text(i + 1);
+        let piece = &upto[before.len()..];
+        out.push_str(prefix);
+        out.push_str("{\"index\":0,\"delta\":{\"content\":");
+        out.push_str(&serde_json::to_string(piece).unwrap());
+        out.push_str("},\"logprobs\":null,\"finish_reason\":null}]");
+        out.push_str(tail);
+        before = upto;
+    }
+    out.push_str(prefix);
+    out.push_str("{\"index\":0,\"delta\":{},\"logprobs\":null,\"finish_reason\":\"stop\"}]");
+    out.push_str(tail);
+    out.push_str(prefix);
+    out.push_str(
+        "],\"usage\":{\"prompt_tokens\":19,\"completion_tokens\":58,\"total_tokens\":77,\
+         \"prompt_tokens_details\":{\"cached_tokens\":0,\"audio_tokens\":0},\
+         \"completion_tokens_details\":{\"reasoning_tokens\":0,\"audio_tokens\":0,\
+         \"accepted_prediction_tokens\":0,\"rejected_prediction_tokens\":0}}}\n\n",
+    );
+    out.push_str("data: [DONE]\n\n");
+    out.into_bytes()
+}
+
+const SSE_EVENT_LIMIT: usize = 4 * 1024 * 1024;
+
+fn sse(c: &mut Criterion) {
+    let stream = chat_stream(40);
+    let expected_text = ai4free::mock::completion_text(40);
+    // Check the bench measures the real work: text and usage are extracted.
+    let mut check = StreamAccounting::new(SSE_EVENT_LIMIT);
+    let mut out = Vec::new();
+    for chunk in stream.chunks(1024) {
+        check.observe_filtering(chunk, &mut out);
+    }
+    check.finish(Some(&mut out));
+    assert_eq!(check.completion_text(), expected_text);
+    assert_eq!(check.usage().map(|u| u.prompt_tokens), Some(19));
+    assert_eq!(check.events(), 44);
+    assert!(
+        out.len() < stream.len(),
+        "the usage-only chunk is filtered out"
+    );
+
+    let mut group = c.benchmark_group("sse");
+    group.throughput(Throughput::Bytes(stream.len() as u64));
+    group.bench_function("observe/1KB_chunks", |b| {
+        b.iter(|| {
+            let mut acc = StreamAccounting::new(SSE_EVENT_LIMIT);
+            for chunk in black_box(&stream).chunks(1024) {
+                acc.observe(chunk);
+            }
+            acc.finish(None);
+            acc.usage()
+        })
+    });
+    let mut out = Vec::with_capacity(stream.len());
+    group.bench_function("observe_filtering/1KB_chunks", |b| {
+        b.iter(|| {
+            let mut acc = StreamAccounting::new(SSE_EVENT_LIMIT);
+            out.clear();
+            for chunk in black_box(&stream).chunks(1024) {
+                acc.observe_filtering(chunk, &mut out);
+            }
+            acc.finish(Some(&mut out));
+            acc.usage()
+        })
+    });
+    group.finish();
+}
+
+/// A chat request body of about `bytes` bytes: the conversation first and
+/// `model` last, so the parser must get through every message to find it.
+fn chat_body(bytes: usize) -> Vec<u8> {
+    let sentences = [
+        "Summarise the following meeting notes in three bullet points.",
+        "The rollout of the new billing pipeline slipped by a week because the \
+         reconciliation job found 0.3% drift against the ledger.",
+        "Can you also draft a reply to the customer (in French) explaining the delay?",
+        "Here is the JSON they sent: {\"order\": 1234, \"items\": [\"a\", \"b\"]}",
+    ];
+    let mut messages = Vec::new();
+    let mut size = 0;
+    let mut i = 0;
+    while size < bytes {
+        let role = if i % 2 == 0 { "user" } else { "assistant" };
+        let content = sentences[i % sentences.len()];
+        size += content.len() + 40;
+        messages.push(serde_json::json!({"role": role, "content": content}));
+        i += 1;
+    }
+    let body = serde_json::json!({
+        "messages": messages,
+        "temperature": 0.7,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+        "model": "gpt-4o-mini",
+    });
+    serde_json::to_vec(&body).unwrap()
+}
+
+fn request_head(c: &mut Criterion) {
+    let mut group = c.benchmark_group("parse_head");
+    for kb in [1usize, 50] {
+        let body = chat_body(kb * 1024);
+        let head = parse_head(&body).unwrap();
+        assert_eq!(head.model, "gpt-4o-mini");
+        assert!(head.stream && head.include_usage);
+        group.throughput(Throughput::Bytes(body.len() as u64));
+        group.bench_function(BenchmarkId::from_parameter(format!("{kb}KB")), |b| {
+            b.iter(|| parse_head(black_box(&body)).is_ok())
+        });
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    targets = keys, limiter, sse, request_head
+}
+criterion_main!(benches);
+
+// Measured on this machine (2 cores, shared and noisy), 2026-11-28,
+// `cargo bench --bench hot_paths -- --warm-up-time 1 --measurement-time 3`,
+// release profile (fat LTO); criterion medians from the quieter of two runs
+// (the other was 10-45% slower across the board).
+//
+// keys/parse                               73 ns
+// keys/authenticate_hit/poll_once         216 ns   the future alone, no runtime
+// keys/authenticate_hit/block_on          258 ns   Runtime::block_on per call
+// keys/authenticate_hit/to_async          192 ns   criterion's to_async (one
+//                                                  block_on per batch)
+// keys/block_on_empty                      61 ns   block_on of an empty future:
+//                                                  the per-call runtime overhead
+// -> a cache hit costs ~190-215 ns (mostly the SHA-256 of the secret; parse
+//    is 73 of it); `block_on` per call adds ~40-60 ns. to_async is the figure
+//    to quote; it is consistently ~10% below poll_once, which moves the
+//    (large) future into a pinned stack slot on every call.
+// limiter/check_requests, 1 key           120 ns
+// limiter/check_requests, 10,000 keys     173 ns   (sketch rows miss the cache)
+// sse/observe, 44-event chat stream
+//   (12.2 KB, 1 KB chunks)               17.8 us   652 MiB/s
+// sse/observe_filtering, same            19.4 us   600 MiB/s
+// parse_head, 1 KB chat body              757 ns   1.38 GiB/s
+// parse_head, 50 KB chat body            22.9 us   1.98 GiB/s
+//   (`model` last: the parser crosses every message to find it)
