@@ -1,0 +1,773 @@
+//! The gateway against the physical limit, in one run on one machine.
+//!
+//! Starts the mock provider, a bare Pingora proxy (`examples/bare_proxy`: only
+//! `upstream_peer`) and the gateway in several configurations (everything on, then
+//! one capability off at a time), each its own process, and measures them
+//! interleaved and repeated with an open-loop load generator:
+//!
+//! 1. maximum rate with p99 ≤ 2 ms and no errors (direct, bare, gateway);
+//! 2. latency at 50% of bare's maximum, 5 interleaved rounds, median and spread,
+//!    with CPU µs per request of the process under test;
+//! 3. large (~50 KB) prompts; 4. streaming: TTFB, gaps between chunks, total, with
+//!    provider-reported usage and with the counting fallback;
+//! 5. peak RSS of the gateway with 1,000 concurrent open streams.
+//!
+//! Run with `./scripts/bench.sh` (builds the release binaries first). Results are
+//! printed as Markdown and written to `bench-results/latest.md`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::print_stdout)]
+
+#[path = "loadgen/mod.rs"]
+mod loadgen;
+
+use std::fmt::Write as _;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use loadgen::{raw_request, RunResult, RunSpec, Target};
+
+const ROUNDS: usize = 5;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_for(addr: SocketAddr) {
+    let t = Instant::now();
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{addr} never came up"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A child process killed on drop.
+struct Proc {
+    child: Child,
+}
+
+impl Proc {
+    fn spawn(name: &str, cmd: &mut Command) -> Proc {
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc { child }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// User + system CPU time consumed so far.
+    fn cpu(&self) -> Duration {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        // Fields after the parenthesised command name; utime and stime are 14 and 15.
+        let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+            + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+        Duration::from_millis(ticks * 1000 / clk_tck())
+    }
+
+    fn rss_kib(&self) -> u64 {
+        status_kib(self.pid(), "VmRSS:")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn clk_tck() -> u64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100)
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+}
+
+fn release_bin(rel: &str) -> PathBuf {
+    let p = target_dir().join("release").join(rel);
+    assert!(
+        p.exists(),
+        "{} missing: run ./scripts/bench.sh (it builds the release binaries)",
+        p.display()
+    );
+    p
+}
+
+struct Gateway {
+    proc: Proc,
+    addr: SocketAddr,
+    key: String,
+}
+
+fn start_gateway(
+    name: &str,
+    dir: &Path,
+    mock: SocketAddr,
+    stream_usage: bool,
+    ablate: &[&str],
+    threads: usize,
+) -> Gateway {
+    let port = free_port();
+    let cfg = dir.join(format!("{name}.yaml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"listen: "127.0.0.1:{port}"
+metrics_listen: "127.0.0.1:{mport}"
+storage: "sqlite://{db}"
+server: {{ threads: {threads}, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 1 }}
+bench_ablate: [{ablate}]
+providers:
+  - name: mock
+    base_url: "http://{mock}/v1"
+    stream_usage: {stream_usage}
+    models:
+      - name: gpt-4o-mini
+        tokenizer: o200k_base
+        input_price_per_mtok: 0.15
+        output_price_per_mtok: 0.60
+tiers:
+  bench: {{ requests_per_minute: 4000000000 }}
+"#,
+            mport = free_port(),
+            db = dir.join(format!("{name}.db")).display(),
+            ablate = ablate.join(", "),
+        ),
+    )
+    .unwrap();
+    let bin = release_bin("ai4free");
+    let out = Command::new(&bin)
+        .args(["keys", "create", "--tier", "bench", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let proc = Proc::spawn(
+        name,
+        Command::new(&bin)
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .env("RUST_LOG", "error"),
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_for(addr);
+    Gateway { proc, addr, key }
+}
+
+fn chat_body(stream: bool, prompt_bytes: usize) -> Vec<u8> {
+    let content = if prompt_bytes > 0 {
+        "The quick brown fox jumps over the lazy dog. ".repeat(prompt_bytes / 45 + 1)
+    } else {
+        "Say hello to the benchmark.".to_owned()
+    };
+    serde_json::to_vec(&serde_json::json!({
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": content}],
+        "max_tokens": 16,
+        "stream": stream,
+    }))
+    .unwrap()
+}
+
+/// One system under test: where to send, and which process to charge CPU to.
+struct System<'a> {
+    name: &'a str,
+    target: Target,
+    proc: &'a Proc,
+}
+
+fn target(addr: SocketAddr, key: Option<&str>, body: &[u8], extra: &[(&str, &str)]) -> Target {
+    let auth = key.map(|k| format!("Bearer {k}"));
+    let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/json")];
+    if let Some(a) = auth.as_deref() {
+        headers.push(("authorization", a));
+    }
+    headers.extend_from_slice(extra);
+    Target {
+        addr,
+        request: raw_request("POST", "/v1/chat/completions", &headers, body),
+    }
+}
+
+struct Sample {
+    p50: f64,
+    p99: f64,
+    cpu_us: f64,
+    ttfb50: f64,
+    ttfb99: f64,
+    gap99: f64,
+    errors: u64,
+}
+
+fn measure(rt: &tokio::runtime::Runtime, sys: &System<'_>, spec: &RunSpec) -> Sample {
+    let before = sys.proc.cpu();
+    let r: RunResult = rt.block_on(loadgen::run(&sys.target, spec)).unwrap();
+    let cpu = sys.proc.cpu().saturating_sub(before);
+    // The warm-up's requests used CPU too; charge the process per request sent.
+    let total_reqs = (spec.rate_per_sec * (spec.duration + spec.warmup).as_secs_f64()).max(1.0);
+    Sample {
+        p50: r.p(0.50),
+        p99: r.p(0.99),
+        cpu_us: cpu.as_secs_f64() * 1e6 / total_reqs,
+        ttfb50: r.ttfb.value_at_quantile(0.50) as f64,
+        ttfb99: r.ttfb.value_at_quantile(0.99) as f64,
+        gap99: r.chunk_gap.value_at_quantile(0.99) as f64,
+        errors: r.errors + r.non_2xx,
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+fn spread(v: &[f64]) -> String {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{lo:.0}–{hi:.0}")
+}
+
+/// Runs every system `rounds` times, interleaved, and tabulates medians and spreads.
+fn interleaved(
+    rt: &tokio::runtime::Runtime,
+    systems: &[System<'_>],
+    spec: &RunSpec,
+    rounds: usize,
+    baseline: Option<&str>,
+    streaming: bool,
+    out: &mut String,
+) {
+    let mut samples: Vec<Vec<Sample>> = systems.iter().map(|_| Vec::new()).collect();
+    for round in 0..rounds {
+        for (i, s) in systems.iter().enumerate() {
+            let m = measure(rt, s, spec);
+            eprintln!("  round {round} {:<22} p50 {:>7.0} µs  p99 {:>7.0} µs  cpu {:>6.1} µs/req  errors {}", s.name, m.p50, m.p99, m.cpu_us, m.errors);
+            samples[i].push(m);
+        }
+    }
+    let base = baseline.and_then(|b| systems.iter().position(|s| s.name == b));
+    let base50 = base.map(|b| median(samples[b].iter().map(|m| m.p50).collect()));
+    let base99 = base.map(|b| median(samples[b].iter().map(|m| m.p99).collect()));
+    if streaming {
+        writeln!(out, "| system | TTFB p50 µs | TTFB p99 µs | added TTFB p50 µs | chunk gap p99 µs | total p50 µs | total p99 µs | CPU µs/req | errors |").unwrap();
+        writeln!(out, "|---|---|---|---|---|---|---|---|---|").unwrap();
+    } else {
+        writeln!(out, "| system | p50 µs (spread) | p99 µs (spread) | added p50 µs | added p99 µs | CPU µs/req | errors |").unwrap();
+        writeln!(out, "|---|---|---|---|---|---|---|").unwrap();
+    }
+    let base_ttfb = base.map(|b| median(samples[b].iter().map(|m| m.ttfb50).collect()));
+    for (i, s) in systems.iter().enumerate() {
+        let p50s: Vec<f64> = samples[i].iter().map(|m| m.p50).collect();
+        let p99s: Vec<f64> = samples[i].iter().map(|m| m.p99).collect();
+        let cpu = median(samples[i].iter().map(|m| m.cpu_us).collect());
+        let errors: u64 = samples[i].iter().map(|m| m.errors).sum();
+        let (m50, m99) = (median(p50s.clone()), median(p99s.clone()));
+        if streaming {
+            let t50 = median(samples[i].iter().map(|m| m.ttfb50).collect());
+            let t99 = median(samples[i].iter().map(|m| m.ttfb99).collect());
+            let g99 = median(samples[i].iter().map(|m| m.gap99).collect());
+            let added = base_ttfb
+                .map(|b| format!("{:.0}", t50 - b))
+                .unwrap_or_default();
+            writeln!(out, "| {} | {t50:.0} | {t99:.0} | {added} | {g99:.0} | {m50:.0} | {m99:.0} | {cpu:.1} | {errors} |", s.name).unwrap();
+        } else {
+            let a50 = base50
+                .map(|b| format!("{:.0}", m50 - b))
+                .unwrap_or_default();
+            let a99 = base99
+                .map(|b| format!("{:.0}", m99 - b))
+                .unwrap_or_default();
+            writeln!(
+                out,
+                "| {} | {m50:.0} ({}) | {m99:.0} ({}) | {a50} | {a99} | {cpu:.1} | {errors} |",
+                s.name,
+                spread(&p50s),
+                spread(&p99s)
+            )
+            .unwrap();
+        }
+    }
+}
+
+/// LiteLLM's proxy (from PyPI) in front of the same mock: the ratio a user of
+/// another gateway would see. LiteLLM cannot hold p99 ≤ 2 ms at any useful rate, so
+/// both are measured at a fixed modest rate instead, and LiteLLM's maximum is
+/// searched with a 50 ms p99 budget.
+#[allow(clippy::too_many_arguments)]
+fn peer_litellm(
+    rt: &tokio::runtime::Runtime,
+    litellm: &Path,
+    dir: &Path,
+    mock_addr: SocketAddr,
+    gw: &Gateway,
+    mock: &Proc,
+    body: &[u8],
+    out: &mut String,
+) {
+    let port = free_port();
+    let cfg = dir.join("litellm.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "model_list:\n  - model_name: gpt-4o-mini\n    litellm_params:\n      model: openai/gpt-4o-mini\n      api_base: http://{mock_addr}/v1\n      api_key: sk-mock\nlitellm_settings:\n  telemetry: false\n"
+        ),
+    )
+    .unwrap();
+    let proc = Proc::spawn(
+        "litellm",
+        Command::new(litellm)
+            .args(["--config"])
+            .arg(&cfg)
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--num_workers",
+                "1",
+            ])
+            .env("LITELLM_LOG", "ERROR")
+            .env("LITELLM_TELEMETRY", "False"),
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let t = Instant::now();
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
+        if t.elapsed() > Duration::from_secs(120) {
+            writeln!(
+                out,
+                "\n### LiteLLM\n\nLiteLLM did not start within 120 s; not measured."
+            )
+            .unwrap();
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("== LiteLLM {}", litellm.display());
+    let lt = target(addr, Some("sk-anything"), body, &[]);
+    let (lmax, _) = rt
+        .block_on(loadgen::find_max_rate(
+            &lt,
+            25.0,
+            Duration::from_millis(50),
+            0.15,
+            Duration::from_secs(3),
+            64,
+        ))
+        .unwrap();
+    let rate = 50.0;
+    writeln!(out, "\n### Peer: LiteLLM proxy (PyPI, `litellm --num_workers 1`) vs ai4free, same mock, {rate:.0} req/s, 3 rounds\n").unwrap();
+    let spec = RunSpec {
+        rate_per_sec: rate,
+        duration: Duration::from_secs(4),
+        warmup: Duration::from_secs(1),
+        connections: 64,
+        streaming: false,
+        timeout: Duration::from_secs(10),
+    };
+    let systems = vec![
+        System {
+            name: "direct",
+            target: target(mock_addr, None, body, &[]),
+            proc: mock,
+        },
+        System {
+            name: "ai4free gateway",
+            target: target(gw.addr, Some(&gw.key), body, &[]),
+            proc: &gw.proc,
+        },
+        System {
+            name: "litellm",
+            target: lt,
+            proc: &proc,
+        },
+    ];
+    interleaved(rt, &systems, &spec, 3, Some("direct"), false, out);
+    writeln!(out, "\nLiteLLM's maximum rate with p99 ≤ 50 ms and no errors: {lmax:.0} req/s (ai4free's with p99 ≤ 2 ms is in the first table).").unwrap();
+}
+
+fn rss_with_open_streams(
+    rt: &tokio::runtime::Runtime,
+    gw: &Gateway,
+    n: usize,
+) -> (u64, u64, usize) {
+    let baseline = gw.proc.rss_kib();
+    let body = chat_body(true, 0);
+    let req = target(
+        gw.addr,
+        Some(&gw.key),
+        &body,
+        &[("x-mock-chunk-delay-ms", "100"), ("x-mock-words", "40")],
+    )
+    .request;
+    let pid = gw.proc.pid();
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(baseline));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (peak, done) = (peak.clone(), done.clone());
+        std::thread::spawn(move || {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                peak.fetch_max(
+                    status_kib(pid, "VmRSS:"),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let completed = rt.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tasks = Vec::with_capacity(n);
+        for _ in 0..n {
+            let req = req.clone();
+            let addr = gw.addr;
+            tasks.push(tokio::spawn(async move {
+                let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+                s.write_all(&req).await.ok()?;
+                let mut buf = vec![0u8; 8192];
+                let mut seen = Vec::new();
+                loop {
+                    let k = s.read(&mut buf).await.ok()?;
+                    if k == 0 {
+                        return None;
+                    }
+                    seen.extend_from_slice(&buf[..k]);
+                    if seen.windows(14).any(|w| w == b"data: [DONE]\n\n") {
+                        return Some(());
+                    }
+                    if seen.len() > 4096 {
+                        seen.drain(..seen.len() - 16);
+                    }
+                }
+            }));
+        }
+        let mut ok = 0;
+        for t in tasks {
+            if let Ok(Some(())) = t.await {
+                ok += 1;
+            }
+        }
+        ok
+    });
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    sampler.join().unwrap();
+    (
+        baseline,
+        peak.load(std::sync::atomic::Ordering::Relaxed),
+        completed,
+    )
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` would run this in test mode.
+    if std::env::args().any(|a| a == "--list" || a == "--test")
+        || std::env::var_os("AI4FREE_BENCH_SKIP").is_some()
+    {
+        return;
+    }
+    let threads: usize = std::env::var("AI4FREE_BENCH_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(loadgen::self_check())
+        .expect("load generator self-check");
+    let dir = tempfile::tempdir().unwrap();
+    let mock_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mock = Proc::spawn(
+        "mock",
+        Command::new(release_bin("examples/mock_provider"))
+            .args(["--listen", &mock_addr.to_string()]),
+    );
+    wait_for(mock_addr);
+    let bare_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let bare = Proc::spawn(
+        "bare",
+        Command::new(release_bin("examples/bare_proxy")).args([
+            "--listen",
+            &bare_addr.to_string(),
+            "--upstream",
+            &mock_addr.to_string(),
+            "--threads",
+            &threads.to_string(),
+        ]),
+    );
+    wait_for(bare_addr);
+    let full = start_gateway("gateway", dir.path(), mock_addr, true, &[], threads);
+    let counting = start_gateway(
+        "gateway-counting",
+        dir.path(),
+        mock_addr,
+        false,
+        &[],
+        threads,
+    );
+    let ablations: Vec<(&str, Gateway)> = ["auth", "limits", "usage", "counting", "metrics"]
+        .iter()
+        .map(|a| {
+            (
+                *a,
+                start_gateway(
+                    &format!("gateway-no-{a}"),
+                    dir.path(),
+                    mock_addr,
+                    true,
+                    &[a],
+                    threads,
+                ),
+            )
+        })
+        .collect();
+
+    let mut out = String::new();
+    let now = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC");
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpu
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("?")
+        .trim()
+        .to_owned();
+    writeln!(out, "Run: {now}; {} × {model}; gateway and bare proxy threads: {threads}; everything on one machine over loopback.\n", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)).unwrap();
+
+    let small = chat_body(false, 0);
+    let direct_t = target(mock_addr, None, &small, &[]);
+    let bare_t = target(bare_addr, None, &small, &[]);
+    let gw_t = target(full.addr, Some(&full.key), &small, &[]);
+
+    // 1. Maximum rates.
+    eprintln!("== maximum rate with p99 <= 2 ms");
+    writeln!(
+        out,
+        "### Maximum rate with p99 ≤ 2 ms and no errors (small non-streaming chat)\n"
+    )
+    .unwrap();
+    writeln!(
+        out,
+        "| system | max req/s | p99 µs at max | ratio to bare |\n|---|---|---|---|"
+    )
+    .unwrap();
+    let mut maxes = Vec::new();
+    for (name, t) in [
+        ("direct (mock)", &direct_t),
+        ("bare pingora", &bare_t),
+        ("gateway (all on)", &gw_t),
+    ] {
+        let (rate, r) = rt
+            .block_on(loadgen::find_max_rate(
+                t,
+                1000.0,
+                Duration::from_millis(2),
+                0.1,
+                Duration::from_secs(3),
+                64,
+            ))
+            .unwrap();
+        eprintln!("  {name}: {rate:.0} req/s");
+        maxes.push((name, rate, r.p(0.99)));
+    }
+    let bare_max = maxes[1].1;
+    for (name, rate, p99) in &maxes {
+        writeln!(
+            out,
+            "| {name} | {rate:.0} | {p99:.0} | {:.2} |",
+            rate / bare_max
+        )
+        .unwrap();
+    }
+
+    // 2. Latency at 50% of bare's maximum.
+    let rate = (bare_max * 0.5).max(100.0);
+    eprintln!("== latency at {rate:.0} req/s");
+    writeln!(out, "\n### Latency at 50% of bare's maximum ({rate:.0} req/s), {ROUNDS} interleaved rounds of 4 s; medians\n").unwrap();
+    let spec = RunSpec {
+        rate_per_sec: rate,
+        duration: Duration::from_secs(4),
+        warmup: Duration::from_millis(500),
+        connections: 64,
+        streaming: false,
+        timeout: Duration::from_secs(5),
+    };
+    let mut systems = vec![
+        System {
+            name: "direct",
+            target: direct_t.clone(),
+            proc: &mock,
+        },
+        System {
+            name: "bare",
+            target: bare_t.clone(),
+            proc: &bare,
+        },
+        System {
+            name: "gateway",
+            target: gw_t.clone(),
+            proc: &full.proc,
+        },
+    ];
+    for (a, g) in &ablations {
+        let name: &str = Box::leak(format!("gateway −{a}").into_boxed_str());
+        systems.push(System {
+            name,
+            target: target(g.addr, Some(&g.key), &small, &[]),
+            proc: &g.proc,
+        });
+    }
+    interleaved(
+        &rt,
+        &systems,
+        &spec,
+        ROUNDS,
+        Some("direct"),
+        false,
+        &mut out,
+    );
+    writeln!(out, "\nCPU µs/req is the process under test only (for direct: the mock). \"gateway −x\" has capability x switched off (`bench_ablate`).").unwrap();
+
+    // 3. Large prompts.
+    let large = chat_body(false, 50_000);
+    let lrate = (rate / 4.0).max(50.0);
+    eprintln!("== large prompts at {lrate:.0} req/s");
+    writeln!(
+        out,
+        "\n### ~50 KB prompts, non-streaming, {lrate:.0} req/s, 3 rounds\n"
+    )
+    .unwrap();
+    let lspec = RunSpec {
+        rate_per_sec: lrate,
+        ..spec.clone()
+    };
+    let lsys = vec![
+        System {
+            name: "direct",
+            target: target(mock_addr, None, &large, &[]),
+            proc: &mock,
+        },
+        System {
+            name: "bare",
+            target: target(bare_addr, None, &large, &[]),
+            proc: &bare,
+        },
+        System {
+            name: "gateway",
+            target: target(full.addr, Some(&full.key), &large, &[]),
+            proc: &full.proc,
+        },
+    ];
+    interleaved(&rt, &lsys, &lspec, 3, Some("direct"), false, &mut out);
+
+    // 4. Streaming.
+    let stream = chat_body(true, 0);
+    let srate = 200.0;
+    eprintln!("== streaming at {srate:.0} req/s");
+    writeln!(out, "\n### Streaming (16 content chunks + role/stop/usage events), {srate:.0} req/s, 3 rounds\n").unwrap();
+    let sspec = RunSpec {
+        rate_per_sec: srate,
+        streaming: true,
+        ..spec.clone()
+    };
+    let ssys = vec![
+        System {
+            name: "direct",
+            target: target(mock_addr, None, &stream, &[]),
+            proc: &mock,
+        },
+        System {
+            name: "bare",
+            target: target(bare_addr, None, &stream, &[]),
+            proc: &bare,
+        },
+        System {
+            name: "gateway (provider usage)",
+            target: target(full.addr, Some(&full.key), &stream, &[]),
+            proc: &full.proc,
+        },
+        System {
+            name: "gateway (counting)",
+            target: target(counting.addr, Some(&counting.key), &stream, &[]),
+            proc: &counting.proc,
+        },
+    ];
+    interleaved(&rt, &ssys, &sspec, 3, Some("direct"), true, &mut out);
+
+    // 4b. A peer gateway from the package registries, same mock, same load.
+    if let Some(litellm) = std::env::var_os("AI4FREE_BENCH_LITELLM") {
+        peer_litellm(
+            &rt,
+            Path::new(&litellm),
+            dir.path(),
+            mock_addr,
+            &full,
+            &mock,
+            &small,
+            &mut out,
+        );
+    }
+
+    // 5. Memory with 1,000 open streams.
+    eprintln!("== 1000 concurrent streams");
+    let (base_kib, peak_kib, completed) = rss_with_open_streams(&rt, &full, 1000);
+    writeln!(
+        out,
+        "\n### 1,000 concurrent open streams through the gateway (4 s each)\n"
+    )
+    .unwrap();
+    writeln!(
+        out,
+        "RSS before: {:.1} MB; peak during: {:.1} MB; streams completed: {completed}/1000.",
+        base_kib as f64 / 1024.0,
+        peak_kib as f64 / 1024.0
+    )
+    .unwrap();
+
+    drop(ablations);
+    drop((full, counting, bare, mock));
+    println!("{out}");
+    let results = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench-results");
+    std::fs::create_dir_all(&results).unwrap();
+    std::fs::write(results.join("latest.md"), &out).unwrap();
+}
