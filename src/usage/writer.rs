@@ -114,35 +114,40 @@ async fn run(
     let mut stats = WriterStats::default();
     let mut buf: Vec<UsageRecord> = Vec::with_capacity(batch);
     let mut closing = false;
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        // `recv_many` is cancellation-safe, so neither select below loses a record.
-        let n = if closing {
-            rx.recv_many(&mut buf, batch).await
-        } else {
+        // The writer drains on a timer instead of waiting on the channel: a receiver
+        // parked in `recv` is woken (an eventfd write and a context switch) by every
+        // single send, which under load cost more than the inserts themselves.
+        if !closing {
             tokio::select! {
-                n = rx.recv_many(&mut buf, batch) => n,
+                _ = tick.tick() => {}
                 _ = &mut close => {
                     // Closing the receiver refuses new sends but keeps what is queued.
                     closing = true;
                     rx.close();
-                    continue;
                 }
             }
-        };
-        if n == 0 {
+        }
+        loop {
+            while buf.len() < batch {
+                match rx.try_recv() {
+                    Ok(r) => buf.push(r),
+                    Err(_) => break,
+                }
+            }
+            metrics::USAGE_QUEUE_DEPTH.set(rx.len() as i64);
+            if buf.is_empty() {
+                break;
+            }
+            write_with_retry(store.as_ref(), &buf, &rx, &mut stats).await;
+            buf.clear();
+        }
+        // Also stop once every sink is gone and nothing is left.
+        if closing || (rx.is_closed() && rx.is_empty()) {
             break;
         }
-        let deadline = tokio::time::Instant::now() + interval;
-        while buf.len() < batch {
-            let want = batch - buf.len();
-            match tokio::time::timeout_at(deadline, rx.recv_many(&mut buf, want)).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-        metrics::USAGE_QUEUE_DEPTH.set(rx.len() as i64);
-        write_with_retry(store.as_ref(), &buf, &rx, &mut stats).await;
-        buf.clear();
     }
     metrics::USAGE_QUEUE_DEPTH.set(0);
     stats
