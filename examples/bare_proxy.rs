@@ -14,6 +14,11 @@ use pingora::proxy::{http_proxy_service_with_name, ProxyHttp};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
 
+// Same allocator as the gateway binary, so the comparison isolates ai4free's logic.
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser, Debug)]
 struct Args {
     #[arg(long, default_value = "127.0.0.1:8180")]
