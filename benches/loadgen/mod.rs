@@ -646,7 +646,7 @@ pub async fn find_max_rate(
     let mut fail: Option<f64> = None;
     let mut rate = start.max(MIN_RATE);
     loop {
-        let result = probe_run(target, &spec(rate)).await?;
+        let result = probe_twice(target, &spec(rate), p99_limit).await?;
         if result.passes(p99_limit) {
             pass = Some((rate, result));
             if fail.is_some() || rate * 2.0 > MAX_RATE {
@@ -673,7 +673,7 @@ pub async fn find_max_rate(
     if let Some(mut hi) = fail {
         while (hi - best.0) / best.0 > precision {
             let mid = (best.0 + hi) / 2.0;
-            let result = probe_run(target, &spec(mid)).await?;
+            let result = probe_twice(target, &spec(mid), p99_limit).await?;
             if result.passes(p99_limit) {
                 best = (mid, result);
             } else {
@@ -682,6 +682,20 @@ pub async fn find_max_rate(
         }
     }
     Ok(best)
+}
+
+/// A rate fails only if two probes in a row fail: on a shared 2-core machine one
+/// stray p99 spike would otherwise end the search far below the real maximum.
+async fn probe_twice(
+    target: &Target,
+    spec: &RunSpec,
+    p99_limit: Duration,
+) -> io::Result<RunResult> {
+    let first = probe_run(target, spec).await?;
+    if first.passes(p99_limit) {
+        return Ok(first);
+    }
+    probe_run(target, spec).await
 }
 
 /// One probe of [`find_max_rate`], then a pause for the system to settle (sockets of
