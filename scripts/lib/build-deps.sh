@@ -1,8 +1,10 @@
-# Sourced by the scripts: installs what building Pingora needs (cmake for
-# libz-ng-sys, a C compiler for zstd-sys and ring) when it is missing.
+# Sourced by the scripts: installs what the build needs when it is missing:
+# cmake (Pingora's libz-ng-sys), a C compiler (zstd-sys, ring, SQLite) and make
+# (jemalloc).
 need_apt=()
 command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
 command -v cc >/dev/null 2>&1 || need_apt+=(build-essential)
+command -v make >/dev/null 2>&1 || need_apt+=(make)   # jemalloc's build
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "==> installing ${need_apt[*]} (needed to build Pingora)"
   SUDO=""
