@@ -214,9 +214,19 @@ fn chat_body(stream: bool, prompt_bytes: usize) -> Vec<u8> {
 
 /// One system under test: where to send, and which process to charge CPU to.
 struct System<'a> {
-    name: &'a str,
+    name: String,
     target: Target,
     proc: &'a Proc,
+}
+
+impl<'a> System<'a> {
+    fn new(name: impl Into<String>, target: Target, proc: &'a Proc) -> System<'a> {
+        System {
+            name: name.into(),
+            target,
+            proc,
+        }
+    }
 }
 
 fn target(addr: SocketAddr, key: Option<&str>, body: &[u8], extra: &[(&str, &str)]) -> Target {
@@ -279,10 +289,10 @@ fn interleaved(
     systems: &[System<'_>],
     spec: &RunSpec,
     rounds: usize,
-    baseline: Option<&str>,
-    streaming: bool,
     out: &mut String,
 ) {
+    // The first system is the baseline the "added" columns subtract.
+    let streaming = spec.streaming;
     let mut samples: Vec<Vec<Sample>> = systems.iter().map(|_| Vec::new()).collect();
     for round in 0..rounds {
         for (i, s) in systems.iter().enumerate() {
@@ -291,7 +301,7 @@ fn interleaved(
             samples[i].push(m);
         }
     }
-    let base = baseline.and_then(|b| systems.iter().position(|s| s.name == b));
+    let base = (!systems.is_empty()).then_some(0);
     let base50 = base.map(|b| median(samples[b].iter().map(|m| m.p50).collect()));
     let base99 = base.map(|b| median(samples[b].iter().map(|m| m.p99).collect()));
     if streaming {
@@ -415,23 +425,15 @@ fn peer_litellm(
         timeout: Duration::from_secs(10),
     };
     let systems = vec![
-        System {
-            name: "direct",
-            target: target(mock_addr, None, body, &[]),
-            proc: mock,
-        },
-        System {
-            name: "ai4free gateway",
-            target: target(gw.addr, Some(&gw.key), body, &[]),
-            proc: &gw.proc,
-        },
-        System {
-            name: "litellm",
-            target: lt,
-            proc: &proc,
-        },
+        System::new("direct", target(mock_addr, None, body, &[]), mock),
+        System::new(
+            "ai4free gateway",
+            target(gw.addr, Some(&gw.key), body, &[]),
+            &gw.proc,
+        ),
+        System::new("litellm", lt, &proc),
     ];
-    interleaved(rt, &systems, &spec, 3, Some("direct"), false, out);
+    interleaved(rt, &systems, &spec, 3, out);
     writeln!(out, "\nLiteLLM's maximum rate with p99 ≤ 50 ms and no errors: {lmax:.0} req/s (ai4free's with p99 ≤ 2 ms is in the first table).").unwrap();
 }
 
@@ -585,9 +587,18 @@ fn main() {
     writeln!(out, "Run: {now}; {} × {model}; gateway and bare proxy threads: {threads}; everything on one machine over loopback.\n", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)).unwrap();
 
     let small = chat_body(false, 0);
-    let direct_t = target(mock_addr, None, &small, &[]);
-    let bare_t = target(bare_addr, None, &small, &[]);
-    let gw_t = target(full.addr, Some(&full.key), &small, &[]);
+    // The reference trio every section measures: upstream alone, bare Pingora, gateway.
+    let reference = |body: &[u8], gateway: &str| {
+        vec![
+            System::new("direct", target(mock_addr, None, body, &[]), &mock),
+            System::new("bare", target(bare_addr, None, body, &[]), &bare),
+            System::new(
+                gateway,
+                target(full.addr, Some(&full.key), body, &[]),
+                &full.proc,
+            ),
+        ]
+    };
 
     // 1. Maximum rates.
     eprintln!("== maximum rate with p99 <= 2 ms");
@@ -602,14 +613,10 @@ fn main() {
     )
     .unwrap();
     let mut maxes = Vec::new();
-    for (name, t) in [
-        ("direct (mock)", &direct_t),
-        ("bare pingora", &bare_t),
-        ("gateway (all on)", &gw_t),
-    ] {
+    for sys in reference(&small, "gateway") {
         let (rate, r) = rt
             .block_on(loadgen::find_max_rate(
-                t,
+                &sys.target,
                 1000.0,
                 Duration::from_millis(2),
                 0.1,
@@ -617,8 +624,8 @@ fn main() {
                 64,
             ))
             .unwrap();
-        eprintln!("  {name}: {rate:.0} req/s");
-        maxes.push((name, rate, r.p(0.99)));
+        eprintln!("  {}: {rate:.0} req/s", sys.name);
+        maxes.push((sys.name, rate, r.p(0.99)));
     }
     let bare_max = maxes[1].1;
     for (name, rate, p99) in &maxes {
@@ -642,40 +649,15 @@ fn main() {
         streaming: false,
         timeout: Duration::from_secs(5),
     };
-    let mut systems = vec![
-        System {
-            name: "direct",
-            target: direct_t.clone(),
-            proc: &mock,
-        },
-        System {
-            name: "bare",
-            target: bare_t.clone(),
-            proc: &bare,
-        },
-        System {
-            name: "gateway",
-            target: gw_t.clone(),
-            proc: &full.proc,
-        },
-    ];
+    let mut systems = reference(&small, "gateway");
     for (a, g) in &ablations {
-        let name: &str = Box::leak(format!("gateway −{a}").into_boxed_str());
-        systems.push(System {
-            name,
-            target: target(g.addr, Some(&g.key), &small, &[]),
-            proc: &g.proc,
-        });
+        systems.push(System::new(
+            format!("gateway −{a}"),
+            target(g.addr, Some(&g.key), &small, &[]),
+            &g.proc,
+        ));
     }
-    interleaved(
-        &rt,
-        &systems,
-        &spec,
-        ROUNDS,
-        Some("direct"),
-        false,
-        &mut out,
-    );
+    interleaved(&rt, &systems, &spec, ROUNDS, &mut out);
     writeln!(out, "\nCPU µs/req is the process under test only (for direct: the mock). \"gateway −x\" has capability x switched off (`bench_ablate`).").unwrap();
 
     // 3. Large prompts.
@@ -691,24 +673,8 @@ fn main() {
         rate_per_sec: lrate,
         ..spec.clone()
     };
-    let lsys = vec![
-        System {
-            name: "direct",
-            target: target(mock_addr, None, &large, &[]),
-            proc: &mock,
-        },
-        System {
-            name: "bare",
-            target: target(bare_addr, None, &large, &[]),
-            proc: &bare,
-        },
-        System {
-            name: "gateway",
-            target: target(full.addr, Some(&full.key), &large, &[]),
-            proc: &full.proc,
-        },
-    ];
-    interleaved(&rt, &lsys, &lspec, 3, Some("direct"), false, &mut out);
+    let lsys = reference(&large, "gateway");
+    interleaved(&rt, &lsys, &lspec, 3, &mut out);
 
     // 4. Streaming.
     let stream = chat_body(true, 0);
@@ -720,29 +686,13 @@ fn main() {
         streaming: true,
         ..spec.clone()
     };
-    let ssys = vec![
-        System {
-            name: "direct",
-            target: target(mock_addr, None, &stream, &[]),
-            proc: &mock,
-        },
-        System {
-            name: "bare",
-            target: target(bare_addr, None, &stream, &[]),
-            proc: &bare,
-        },
-        System {
-            name: "gateway (provider usage)",
-            target: target(full.addr, Some(&full.key), &stream, &[]),
-            proc: &full.proc,
-        },
-        System {
-            name: "gateway (counting)",
-            target: target(counting.addr, Some(&counting.key), &stream, &[]),
-            proc: &counting.proc,
-        },
-    ];
-    interleaved(&rt, &ssys, &sspec, 3, Some("direct"), true, &mut out);
+    let mut ssys = reference(&stream, "gateway (provider usage)");
+    ssys.push(System::new(
+        "gateway (counting)",
+        target(counting.addr, Some(&counting.key), &stream, &[]),
+        &counting.proc,
+    ));
+    interleaved(&rt, &ssys, &sspec, 3, &mut out);
 
     // 4b. A peer gateway from the package registries, same mock, same load.
     if let Some(litellm) = std::env::var_os("AI4FREE_BENCH_LITELLM") {

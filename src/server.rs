@@ -18,7 +18,6 @@ use crate::config::Config;
 use crate::keys::cache::{KeyCache, KeyRefresher};
 use crate::proxy::{Gateway, Upstream};
 use crate::store::{self, Store, StoreError};
-use crate::tokens::count::Tokenizer;
 use crate::usage::writer::WriterStats;
 use crate::usage::UsageWriter;
 
@@ -67,10 +66,7 @@ impl App {
         resolve_all(&config, &upstreams).await;
         for p in &config.providers {
             for m in &p.models {
-                let t = match m.tokenizer {
-                    crate::config::TokenizerName::O200kBase => Tokenizer::O200kBase,
-                    crate::config::TokenizerName::Cl100kBase => Tokenizer::Cl100kBase,
-                };
+                let t = m.tokenizer;
                 t.warm_up();
                 if !t.is_available() {
                     return Err(StartError::Tokenizer(t.name()));

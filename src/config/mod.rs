@@ -22,6 +22,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// The tokenizer a model counts with; config names it as in `tokenizer: o200k_base`.
+pub use crate::tokens::count::Tokenizer;
+
 /// The whole, validated gateway configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -192,7 +195,7 @@ pub struct Model {
     /// The name sent upstream when the provider calls it differently.
     pub upstream_name: Option<String>,
     /// Tokenizer used to estimate counts when the provider reports no usage.
-    pub tokenizer: TokenizerName,
+    pub tokenizer: Tokenizer,
     /// `input_price_per_mtok`, default 0.
     pub input_price: Price,
     /// `output_price_per_mtok`, default 0.
@@ -205,26 +208,6 @@ impl Model {
     /// The model name to send upstream.
     pub fn upstream_model(&self) -> &str {
         self.upstream_name.as_deref().unwrap_or(&self.name)
-    }
-}
-
-/// Tokenizer used for local token counting.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub enum TokenizerName {
-    /// `o200k_base` (GPT-4o family); the default.
-    #[default]
-    O200kBase,
-    /// `cl100k_base` (GPT-3.5/GPT-4).
-    Cl100kBase,
-}
-
-impl TokenizerName {
-    /// The config spelling, e.g. `"o200k_base"`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TokenizerName::O200kBase => "o200k_base",
-            TokenizerName::Cl100kBase => "cl100k_base",
-        }
     }
 }
 

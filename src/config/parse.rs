@@ -10,7 +10,7 @@ use serde_yaml_ng::Value;
 use super::reader::{child, describe, item, Fields, Reader};
 use super::{
     values, Ablations, BaseUrl, Config, ConfigError, ConfigErrors, KeySettings, Model, ModelIndex,
-    Price, Provider, ServerSettings, Storage, Tier, TokenizerName, UpstreamTimeouts, UsageSettings,
+    Price, Provider, ServerSettings, Storage, Tier, Tokenizer, UpstreamTimeouts, UsageSettings,
     UsdAmount,
 };
 
@@ -427,15 +427,14 @@ fn read_model(r: &mut Reader, path: &str, v: &Value) -> Option<Model> {
             .map(|()| n)
     });
     let tokenizer = match r.opt_string(&f, "tokenizer").as_deref() {
-        None | Some("o200k_base") => TokenizerName::O200kBase,
-        Some("cl100k_base") => TokenizerName::Cl100kBase,
-        Some(other) => {
+        None => Tokenizer::O200kBase,
+        Some(name) => Tokenizer::from_name(name).unwrap_or_else(|| {
             r.error(
                 &f.path("tokenizer"),
-                format!("expected one of: o200k_base, cl100k_base, got {other:?}"),
+                format!("expected one of: o200k_base, cl100k_base, got {name:?}"),
             );
-            TokenizerName::default()
-        }
+            Tokenizer::O200kBase
+        }),
     };
     let price =
         |r: &mut Reader, key: &str| r.opt_micros(&f, key).map(|m| Price { micros_per_mtok: m });

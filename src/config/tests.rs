@@ -68,10 +68,10 @@ fn quick_start_config_parses() {
     assert!(mock.stream_usage);
     let names: Vec<&str> = mock.models.iter().map(|m| m.name.as_str()).collect();
     assert_eq!(names, ["gpt-4o-mini", "gpt-3.5-turbo"]);
-    assert_eq!(mock.models[0].tokenizer, TokenizerName::O200kBase);
+    assert_eq!(mock.models[0].tokenizer, Tokenizer::O200kBase);
     assert_eq!(mock.models[0].input_price.micros_per_mtok, 150_000);
     assert_eq!(mock.models[0].output_price.micros_per_mtok, 600_000);
-    assert_eq!(mock.models[1].tokenizer, TokenizerName::Cl100kBase);
+    assert_eq!(mock.models[1].tokenizer, Tokenizer::Cl100kBase);
     assert_eq!(mock.models[1].input_price.micros_per_mtok, 500_000);
     assert_eq!(mock.models[1].output_price.micros_per_mtok, 1_500_000);
     assert_eq!(c.tier("free").unwrap().requests_per_minute, Some(10));
@@ -215,7 +215,7 @@ fn defaults_apply_when_keys_are_absent() {
     let m = &p.models[0];
     assert_eq!(m.upstream_name, None);
     assert_eq!(m.upstream_model(), "m");
-    assert_eq!(m.tokenizer, TokenizerName::O200kBase);
+    assert_eq!(m.tokenizer, Tokenizer::O200kBase);
     assert_eq!(m.input_price, Price::default());
     assert_eq!(m.output_price, Price::default());
     assert_eq!(m.cached_input_price, None);

@@ -197,13 +197,6 @@ impl Gateway {
     }
 }
 
-fn tokenizer_of(m: &Model) -> Tokenizer {
-    match m.tokenizer {
-        crate::config::TokenizerName::O200kBase => Tokenizer::O200kBase,
-        crate::config::TokenizerName::Cl100kBase => Tokenizer::Cl100kBase,
-    }
-}
-
 /// Writes a complete JSON response; used for every refusal and the local endpoints.
 async fn respond_json(
     session: &mut Session,
@@ -240,6 +233,12 @@ fn rate_headers(h: &mut ResponseHeader, d: &Decision) -> Result<()> {
 }
 
 impl Gateway {
+    /// The provider and model a prepared call resolved to.
+    fn model_of(&self, p: &Prepared) -> Option<(&Provider, &Model)> {
+        let provider = self.config.providers.get(p.provider)?;
+        Some((provider, provider.models.get(p.model)?))
+    }
+
     /// The prepared call and the provider it goes to; every upstream phase needs both.
     fn target<'a>(&'a self, ctx: &'a Ctx) -> Result<(&'a Prepared, &'a Upstream)> {
         let p = ctx
@@ -333,13 +332,16 @@ impl Gateway {
             .ok_or_else(|| ProxyError::ModelNotFound(head.model.clone()))?;
         let provider = self.config.providers.get(pi).ok_or(ProxyError::Internal)?;
         let model = provider.models.get(mi).ok_or(ProxyError::Internal)?;
-        let canonical = format!("{}/{}", provider.name, model.name);
-        if !key.record.allows_model(&head.model, &canonical)
-            && !key.record.allows_model(&model.name, &canonical)
-        {
-            return Err(ProxyError::ModelNotAllowed(head.model.clone()));
+        if !key.record.models.is_empty() {
+            // Only restricted keys pay for the `provider/model` spelling.
+            let canonical = format!("{}/{}", provider.name, model.name);
+            if !key.record.allows_model(&head.model, &canonical)
+                && !key.record.allows_model(&model.name, &canonical)
+            {
+                return Err(ProxyError::ModelNotAllowed(head.model.clone()));
+            }
         }
-        let upstream_model = model.upstream_name.as_deref().unwrap_or(&model.name);
+        let upstream_model = model.upstream_model();
         let force_usage = head.stream
             && provider.stream_usage
             && endpoint != Endpoint::Embeddings
@@ -465,8 +467,7 @@ impl Gateway {
         let Some(p) = ctx.prepared.as_ref() else {
             return Some((row, None));
         };
-        let provider = self.config.providers.get(p.provider)?;
-        let model = provider.models.get(p.model)?;
+        let (provider, model) = self.model_of(p)?;
         row.model = model.name.clone();
         row.provider = provider.name.clone();
         row.stream = p.head.stream;
@@ -477,7 +478,7 @@ impl Gateway {
             return Some((row, None));
         }
         let upstream_ok = ctx.upstream_status.is_some_and(|s| (200..300).contains(&s));
-        let tok = tokenizer_of(model);
+        let tok = model.tokenizer;
         let job = match std::mem::take(&mut ctx.response) {
             ResponseAccounting::Stream(mut acc) => {
                 acc.finish(None);
@@ -523,26 +524,18 @@ impl Gateway {
         };
         Some((row, job))
     }
+}
 
-    fn finish_row(&self, ctx: &Ctx, row: &mut UsageRecord) {
-        if let Some(p) = ctx.prepared.as_ref() {
-            if let Some(model) = self
-                .config
-                .providers
-                .get(p.provider)
-                .and_then(|pr| pr.models.get(p.model))
-            {
-                row.cost_pusd = usage_mod::cost_pusd(
-                    row.prompt_tokens,
-                    row.cached_prompt_tokens,
-                    row.completion_tokens,
-                    model.input_price.micros_per_mtok,
-                    model.cached_input_price.map(|c| c.micros_per_mtok),
-                    model.output_price.micros_per_mtok,
-                );
-            }
-        }
-    }
+/// Prices a row at the model's configured prices (exact, integer pico-USD).
+fn price_row(model: &Model, row: &mut UsageRecord) {
+    row.cost_pusd = usage_mod::cost_pusd(
+        row.prompt_tokens,
+        row.cached_prompt_tokens,
+        row.completion_tokens,
+        model.input_price.micros_per_mtok,
+        model.cached_input_price.map(|c| c.micros_per_mtok),
+        model.output_price.micros_per_mtok,
+    );
 }
 
 /// Counting work deferred to `logging` (it may be large; it never runs in a body filter).
@@ -959,21 +952,16 @@ impl ProxyHttp for Gateway {
         if self.config.ablate.usage && self.config.ablate.metrics {
             return;
         }
-        let model_label = ctx
+        let model = ctx
             .prepared
             .as_ref()
-            .and_then(|p| {
-                self.config
-                    .providers
-                    .get(p.provider)
-                    .and_then(|pr| pr.models.get(p.model))
-            })
-            .map(|m| m.name.clone())
-            .unwrap_or_else(|| "unknown".to_owned());
+            .and_then(|p| self.model_of(p))
+            .map(|(_, m)| m);
+        let model_label = model.map_or("unknown", |m| m.name.as_str());
         let with_metrics = !self.config.ablate.metrics;
         if with_metrics {
             metrics::REQUESTS
-                .with_label_values(&[model_label.as_str(), status_label(status)])
+                .with_label_values(&[model_label, status_label(status)])
                 .inc();
             metrics::REQUEST_DURATION.observe(ctx.started.elapsed().as_secs_f64());
             if let Some(fb) = ctx.first_byte {
@@ -999,16 +987,18 @@ impl ProxyHttp for Gateway {
                 row.completion_tokens = c;
             }
         }
-        self.finish_row(ctx, &mut row);
+        if let Some(m) = model {
+            price_row(m, &mut row);
+        }
         if with_metrics && row.token_source != TokenSource::None {
             metrics::TOKENS
-                .with_label_values(&[model_label.as_str(), "prompt"])
+                .with_label_values(&[model_label, "prompt"])
                 .inc_by(row.prompt_tokens);
             metrics::TOKENS
-                .with_label_values(&[model_label.as_str(), "completion"])
+                .with_label_values(&[model_label, "completion"])
                 .inc_by(row.completion_tokens);
             metrics::COST_USD
-                .with_label_values(&[model_label.as_str()])
+                .with_label_values(&[model_label])
                 .inc_by(row.cost_pusd as f64 / 1e12);
         }
         self.usage.record(row);
