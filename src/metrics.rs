@@ -131,11 +131,36 @@ pub static USAGE_QUEUE_DEPTH: Lazy<IntGauge> = Lazy::new(|| {
     )
 });
 
-/// Usage records dropped because the queue was full (or the store was gone at shutdown).
+/// Usage records lost: the queue was full, or the store was down and the spool full.
+/// Alert on any increase.
 pub static USAGE_RECORDS_DROPPED: Lazy<IntCounter> = Lazy::new(|| {
     counter(
         "ai4free_usage_records_dropped_total",
-        "Usage records dropped (queue full, or store unavailable at shutdown)",
+        "Usage records lost (queue full, or store down with the spool full)",
+    )
+});
+
+/// Bytes of usage rows waiting in the disk spool for the store to come back.
+pub static USAGE_SPOOL_BYTES: Lazy<IntGauge> = Lazy::new(|| {
+    gauge(
+        "ai4free_usage_spool_bytes",
+        "Bytes of usage rows spooled to disk and not yet written to the store",
+    )
+});
+
+/// Usage records put in the disk spool because the store could not take them.
+pub static USAGE_RECORDS_SPOOLED: Lazy<IntCounter> = Lazy::new(|| {
+    counter(
+        "ai4free_usage_records_spooled_total",
+        "Usage records spooled to disk because the store failed",
+    )
+});
+
+/// Usage records replayed from the disk spool into the store.
+pub static USAGE_RECORDS_REPLAYED: Lazy<IntCounter> = Lazy::new(|| {
+    counter(
+        "ai4free_usage_records_replayed_total",
+        "Usage records replayed from the disk spool into the store",
     )
 });
 
@@ -176,6 +201,9 @@ pub fn init() {
     Lazy::force(&TTFT);
     Lazy::force(&USAGE_QUEUE_DEPTH);
     Lazy::force(&USAGE_RECORDS_DROPPED);
+    Lazy::force(&USAGE_SPOOL_BYTES);
+    Lazy::force(&USAGE_RECORDS_SPOOLED);
+    Lazy::force(&USAGE_RECORDS_REPLAYED);
     Lazy::force(&USAGE_RECORDS_WRITTEN);
     Lazy::force(&USAGE_WRITE_ERRORS);
     Lazy::force(&USAGE_FLUSH_SECONDS);
@@ -211,6 +239,8 @@ mod tests {
             "ai4free_requests_total",
             "ai4free_usage_queue_depth",
             "ai4free_usage_records_dropped_total",
+            "ai4free_usage_spool_bytes",
+            "ai4free_usage_write_errors_total",
             "ai4free_request_duration_seconds",
             "ai4free_time_to_first_token_seconds",
         ] {

@@ -32,6 +32,8 @@ pub enum StartError {
     Tokenizer(&'static str),
     #[error("cannot start the usage writer: {0}")]
     Io(#[from] std::io::Error),
+    #[error("cannot start the usage writer: {0}")]
+    Spool(#[from] crate::usage::spool::SpoolError),
 }
 
 /// Everything initialised before the server listens.
@@ -181,7 +183,7 @@ pub fn serve(
     shutdown: Option<Box<dyn ShutdownSignalWatch>>,
 ) -> Result<WriterStats, StartError> {
     let config = app.config.clone();
-    let (sink, writer) = UsageWriter::spawn(app.store.clone(), &config.usage)?;
+    let (sink, writer) = UsageWriter::spawn(app.store.clone(), &config.usage, &config.spool_dir())?;
     crate::metrics::init();
     let mut server = Server::new_with_opt_and_conf(None, server_conf(&config));
     server.bootstrap();
@@ -224,9 +226,11 @@ pub fn serve(
     server.run(args);
     let stats = writer.shutdown();
     log::info!(
-        "usage writer stopped: {} rows written, {} abandoned",
+        "usage writer stopped: {} rows written, {} replayed from the spool, {} lost, {} bytes left spooled",
         stats.written,
-        stats.abandoned
+        stats.replayed,
+        stats.dropped,
+        stats.spool_bytes_left
     );
     Ok(stats)
 }

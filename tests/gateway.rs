@@ -788,7 +788,8 @@ fn usage_rows_equal_requests_and_shutdown_flushes() {
     });
     let store = gw.store();
     let stats = gw.stop();
-    assert_eq!(stats.abandoned, 0);
+    assert_eq!(stats.dropped, 0);
+    assert_eq!(stats.spool_bytes_left, 0);
     let rows = rt()
         .block_on(store.query_usage(&Default::default()))
         .unwrap();

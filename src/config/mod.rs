@@ -307,7 +307,7 @@ pub struct ServerSettings {
 }
 
 /// Usage-recording queue settings (`usage`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageSettings {
     /// Bounded queue capacity (default 65536).
     pub queue_capacity: usize,
@@ -315,6 +315,13 @@ pub struct UsageSettings {
     pub batch_size: usize,
     /// Flush at least this often (default 200 ms).
     pub flush_interval: Duration,
+    /// Where rows the store cannot take wait on disk (`spool_dir`); `None` means the
+    /// default, see [`Config::spool_dir`].
+    pub spool_dir: Option<PathBuf>,
+    /// The spool's bound in bytes (default 1 GiB); past it rows are dropped and counted.
+    pub spool_max_bytes: u64,
+    /// The spool is `fsync`ed at most this often (default 200 ms, 0 = every batch).
+    pub spool_fsync_interval: Duration,
 }
 
 /// API key cache settings (`keys`).
@@ -484,6 +491,22 @@ impl Config {
             }
         }
         self.index.bare.get(requested).copied()
+    }
+
+    /// The usage spool directory: `usage.spool_dir` if set, else `spool/` beside the
+    /// SQLite file, else `data/spool` (PostgreSQL, or an in-memory SQLite).
+    pub fn spool_dir(&self) -> PathBuf {
+        if let Some(d) = &self.usage.spool_dir {
+            return d.clone();
+        }
+        match &self.storage {
+            Storage::Sqlite { path } if path.as_os_str() != ":memory:" => path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+                .join("spool"),
+            _ => PathBuf::from("data/spool"),
+        }
     }
 
     /// The tier called `name`, if configured.

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_yaml_ng::Value;
@@ -81,7 +82,14 @@ const SERVER_KEYS: &[&str] = &[
     "graceful_shutdown_timeout_seconds",
     "upstream_keepalive_pool_size",
 ];
-const USAGE_KEYS: &[&str] = &["queue_capacity", "batch_size", "flush_interval_ms"];
+const USAGE_KEYS: &[&str] = &[
+    "queue_capacity",
+    "batch_size",
+    "flush_interval_ms",
+    "spool_dir",
+    "spool_max_bytes",
+    "spool_fsync_interval_ms",
+];
 const KEYS_KEYS: &[&str] = &["refresh_interval_ms", "negative_cache_ms"];
 
 /// Upper bound for millisecond settings (one day): larger is surely a unit mistake.
@@ -589,10 +597,21 @@ fn read_usage(r: &mut Reader, f: &Fields<'_>) -> UsageSettings {
             format!("must not exceed usage.queue_capacity ({queue_capacity}), got {batch_size}"),
         );
     }
+    let spool_dir = s.and_then(|s| r.opt_string(s, "spool_dir"));
+    if spool_dir.as_deref() == Some("") {
+        r.error(
+            "usage.spool_dir",
+            "must not be empty (omit it for the default)",
+        );
+    }
     UsageSettings {
         queue_capacity: to_usize(queue_capacity),
         batch_size: to_usize(batch_size),
         flush_interval: ms_or(r, s, "flush_interval_ms", 200, 1, MAX_MS),
+        spool_dir: spool_dir.filter(|d| !d.is_empty()).map(PathBuf::from),
+        // At least a MiB so one batch always fits; at most a TiB (a unit mistake above).
+        spool_max_bytes: uint_or(r, s, "spool_max_bytes", 1 << 30, 1 << 20, 1 << 40),
+        spool_fsync_interval: ms_or(r, s, "spool_fsync_interval_ms", 200, 0, 60_000),
     }
 }
 

@@ -199,6 +199,9 @@ fn defaults_apply_when_keys_are_absent() {
             queue_capacity: 65_536,
             batch_size: 512,
             flush_interval: Duration::from_millis(200),
+            spool_dir: None,
+            spool_max_bytes: 1 << 30,
+            spool_fsync_interval: Duration::from_millis(200),
         }
     );
     assert_eq!(

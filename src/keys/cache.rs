@@ -8,7 +8,15 @@
 //! Changes (new keys, revocations, expiry edits) reach the cache through the
 //! store's `rev` change feed, polled every `refresh_interval` (≤ 1 s by config) by
 //! [`KeyRefresher`]. Expiry needs no change at all: it is checked against the clock
-//! on every request.
+//! on every request. As a backstop against a change the feed could miss (a row
+//! edited by hand without bumping `rev`, a key deleted outright), the refresher also
+//! reloads the whole table every [`FULL_RELOAD`].
+//!
+//! When the store fails, cached keys keep working untouched. A key the cache does
+//! not know is refused with `Unavailable` (503, fail closed: it may be a key created
+//! on another node a moment ago, so it is not "unknown"), and for [`FAIL_FAST`]
+//! after a failed lookup further misses are refused without asking the store again,
+//! so a burst of unknown keys during an outage cannot pile up on a dead database.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -54,9 +62,15 @@ pub struct KeyCache {
     negative: Mutex<HashMap<String, Instant>>,
     last_rev: AtomicI64,
     negative_ttl: Duration,
+    /// When a store lookup last failed (None = the store answers).
+    store_failed_at: Mutex<Option<Instant>>,
 }
 
 const NEGATIVE_CAP: usize = 100_000;
+/// How often the whole key table is reloaded, whatever the change feed says.
+pub const FULL_RELOAD: Duration = Duration::from_secs(60);
+/// After a failed store lookup, misses are refused at once for this long.
+pub const FAIL_FAST: Duration = Duration::from_secs(1);
 
 impl KeyCache {
     /// A cache in front of `store`. Call [`KeyCache::prime`] before serving.
@@ -67,21 +81,28 @@ impl KeyCache {
             negative: Mutex::new(HashMap::new()),
             last_rev: AtomicI64::new(0),
             negative_ttl,
+            store_failed_at: Mutex::new(None),
         }
     }
 
     /// Loads every key so the first requests need no store read, and sets the
     /// change-feed cursor.
+    ///
+    /// Also the periodic full reload: the map is replaced, so keys deleted from the
+    /// store disappear too.
     pub async fn prime(&self) -> Result<usize, StoreError> {
+        // Read the cursor before the table so a change racing the load is applied
+        // again by the next feed poll rather than skipped.
+        let rev = self.store.max_key_rev().await?;
         let keys = self.store.list_keys().await?;
         let n = keys.len();
-        let mut max = 0;
-        let mut map = self.entries.write();
-        for k in keys {
-            max = max.max(k.rev);
-            map.insert(k.id.clone(), Arc::new(KeyEntry { record: k }));
-        }
-        self.last_rev.fetch_max(max, Ordering::AcqRel);
+        let map: HashMap<String, Arc<KeyEntry>> = keys
+            .into_iter()
+            .map(|k| (k.id.clone(), Arc::new(KeyEntry { record: k })))
+            .collect();
+        *self.entries.write() = map;
+        self.last_rev.fetch_max(rev, Ordering::AcqRel);
+        *self.store_failed_at.lock() = None;
         Ok(n)
     }
 
@@ -89,6 +110,7 @@ impl KeyCache {
     pub async fn refresh(&self) -> Result<usize, StoreError> {
         let since = self.last_rev.load(Ordering::Acquire);
         let changed = self.store.keys_changed_since(since).await?;
+        *self.store_failed_at.lock() = None;
         if changed.is_empty() {
             return Ok(0);
         }
@@ -140,6 +162,11 @@ impl KeyCache {
                 return Err(AuthError::Unknown);
             }
         }
+        if let Some(at) = *self.store_failed_at.lock() {
+            if at.elapsed() < FAIL_FAST {
+                return Err(AuthError::Unavailable);
+            }
+        }
         match self.store.get_key(id).await {
             Ok(Some(rec)) => {
                 let entry = Arc::new(KeyEntry { record: rec });
@@ -159,7 +186,11 @@ impl KeyCache {
                 Err(AuthError::Unknown)
             }
             Err(e) => {
-                log::warn!("key lookup failed: {e}");
+                let mut failed = self.store_failed_at.lock();
+                if failed.is_none() {
+                    log::warn!("key lookup failed, refusing uncached keys with 503: {e}");
+                }
+                *failed = Some(Instant::now());
                 Err(AuthError::Unavailable)
             }
         }
@@ -209,12 +240,19 @@ impl BackgroundService for KeyRefresher {
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing = false;
+        let mut last_full = Instant::now();
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
                 _ = tick.tick() => {}
             }
-            match self.cache.refresh().await {
+            let result = if last_full.elapsed() >= FULL_RELOAD {
+                last_full = Instant::now();
+                self.cache.prime().await
+            } else {
+                self.cache.refresh().await
+            };
+            match result {
                 Ok(_) if failing => {
                     failing = false;
                     log::info!("key change feed recovered");

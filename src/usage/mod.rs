@@ -6,6 +6,7 @@
 //! to the store. A full queue is counted (`ai4free_usage_records_dropped_total`),
 //! never waited on: the request path must not block on storage.
 
+pub mod spool;
 pub mod writer;
 
 pub use writer::{UsageSink, UsageWriter};
@@ -15,7 +16,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use once_cell::sync::Lazy;
 
 /// Where a row's token numbers came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum TokenSource {
     /// The provider reported usage and we recorded it as is.
     Provider,
@@ -51,7 +53,7 @@ impl TokenSource {
 }
 
 /// One proxied request, as billed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct UsageRecord {
     /// Unique per request; also sent to the client as `x-request-id`.
     pub request_id: String,

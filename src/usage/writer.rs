@@ -6,22 +6,29 @@
 //! sink, then [`UsageWriter::shutdown`]": the writer drains what is queued, writes it
 //! and exits.
 //!
-//! Failure policy: a failed batch is retried with capped exponential backoff and is
-//! never split or reordered; rows are keyed by `request_id`, so a batch replayed
-//! after an uncertain commit cannot duplicate. While a batch is being retried the
-//! queue keeps filling; when it is full new records are dropped and counted. At
-//! shutdown retries stop after `shutdown_retry` and what is left is reported.
+//! Failure policy: a batch the store refuses (or does not answer within
+//! `STORE_CALL_TIMEOUT`) goes to the disk [`Spool`] at once, so the memory queue
+//! keeps draining while the database is away. While the store is failing, new
+//! batches go straight to the spool and one replay attempt probes the store per
+//! backoff step (50 ms doubling to 5 s); the first success marks it healthy and the
+//! spool is replayed in the background of normal writes. Rows are keyed by
+//! `request_id`, so a batch replayed after an uncertain commit cannot duplicate.
+//! Records are lost only when the queue is full or the spool is at its bound, and
+//! each is counted in `ai4free_usage_records_dropped_total`. What is still spooled
+//! at shutdown stays on disk and is replayed by the next start.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use super::spool::{Spool, SpoolError};
 use super::UsageRecord;
 use crate::config::UsageSettings;
 use crate::metrics;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// The producer side, cloned into the proxy. `record` never blocks.
 #[derive(Clone)]
@@ -55,30 +62,56 @@ pub struct UsageWriter {
 /// What the writer did over its lifetime (returned at shutdown, used by tests).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct WriterStats {
-    /// Rows handed to the store successfully.
+    /// Rows the store committed (directly or replayed from the spool).
     pub written: u64,
-    /// Batches that failed at least once.
-    pub failed_batches: u64,
-    /// Rows given up on at shutdown because the store stayed unavailable.
-    pub abandoned: u64,
+    /// Times the store went from healthy to failing.
+    pub outages: u64,
+    /// Rows put in the spool.
+    pub spooled: u64,
+    /// Rows replayed from the spool into the store.
+    pub replayed: u64,
+    /// Rows lost because the spool refused them (full or failing).
+    pub dropped: u64,
+    /// Bytes still spooled at exit (replayed by the next start).
+    pub spool_bytes_left: u64,
 }
 
 impl UsageWriter {
     /// Starts the writer thread and returns the sink the proxy records into.
+    /// Rows left in the spool by an earlier run are replayed first.
     pub fn spawn(
         store: Arc<dyn Store>,
         settings: &UsageSettings,
-    ) -> std::io::Result<(UsageSink, UsageWriter)> {
+        spool_dir: &Path,
+    ) -> Result<(UsageSink, UsageWriter), SpoolError> {
+        let spool = Spool::open(
+            spool_dir,
+            settings.spool_max_bytes,
+            settings.spool_fsync_interval,
+        )?;
+        if !spool.is_empty() {
+            log::info!(
+                "usage spool holds {} bytes from an earlier run; replaying",
+                spool.pending_bytes()
+            );
+        }
+        let io_err = |source| SpoolError::Io {
+            dir: spool_dir.display().to_string(),
+            source,
+        };
         let (tx, rx) = mpsc::channel(settings.queue_capacity.max(1));
         let batch = settings.batch_size.max(1);
         let interval = settings.flush_interval;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
-            .build()?;
+            .build()
+            .map_err(io_err)?;
         let (close_tx, close_rx) = tokio::sync::oneshot::channel();
+        let writer = Writer::new(store, spool);
         let thread = std::thread::Builder::new()
             .name("ai4free-usage".into())
-            .spawn(move || rt.block_on(run(store, rx, close_rx, batch, interval)))?;
+            .spawn(move || rt.block_on(run(writer, rx, close_rx, batch, interval)))
+            .map_err(io_err)?;
         Ok((
             UsageSink { tx },
             UsageWriter {
@@ -102,16 +135,21 @@ impl UsageWriter {
     }
 }
 
-const SHUTDOWN_RETRY: Duration = Duration::from_secs(5);
+/// How long replay may run at shutdown before leaving the rest for the next start.
+const SHUTDOWN_REPLAY: Duration = Duration::from_secs(5);
+/// A safety net over the store's own timeouts: a call that has not returned by then
+/// is treated as failed (the batch is spooled; a late commit is deduplicated).
+const STORE_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 async fn run(
-    store: Arc<dyn Store>,
+    mut w: Writer,
     mut rx: mpsc::Receiver<UsageRecord>,
     mut close: tokio::sync::oneshot::Receiver<()>,
     batch: usize,
     interval: Duration,
 ) -> WriterStats {
-    let mut stats = WriterStats::default();
     let mut buf: Vec<UsageRecord> = Vec::with_capacity(batch);
     let mut closing = false;
     let mut tick = tokio::time::interval(interval);
@@ -141,58 +179,398 @@ async fn run(
             if buf.is_empty() {
                 break;
             }
-            write_with_retry(store.as_ref(), &buf, &rx, &mut stats).await;
+            w.store_batch(&buf).await;
             buf.clear();
         }
+        w.replay(interval).await;
+        w.sync_spool(false);
         // Also stop once every sink is gone and nothing is left.
         if closing || (rx.is_closed() && rx.is_empty()) {
             break;
         }
     }
-    metrics::USAGE_QUEUE_DEPTH.set(0);
-    stats
+    w.finish().await
 }
 
-async fn write_with_retry(
-    store: &dyn Store,
-    rows: &[UsageRecord],
-    rx: &mpsc::Receiver<UsageRecord>,
-    stats: &mut WriterStats,
-) {
-    let mut backoff = Duration::from_millis(50);
-    let mut failed_once = false;
-    let mut closed_since: Option<tokio::time::Instant> = None;
-    loop {
-        let started = std::time::Instant::now();
-        match store.insert_usage(rows).await {
+/// The writer thread's state: the store, the spool and the store's health.
+struct Writer {
+    store: Arc<dyn Store>,
+    spool: Spool,
+    stats: WriterStats,
+    healthy: bool,
+    retry_at: Instant,
+    backoff: Duration,
+    spool_failing: bool,
+}
+
+impl Writer {
+    fn new(store: Arc<dyn Store>, spool: Spool) -> Writer {
+        metrics::USAGE_SPOOL_BYTES.set(spool.pending_bytes() as i64);
+        Writer {
+            store,
+            spool,
+            stats: WriterStats::default(),
+            healthy: true,
+            retry_at: Instant::now(),
+            backoff: BACKOFF_MIN,
+            spool_failing: false,
+        }
+    }
+
+    async fn insert(&self, rows: &[UsageRecord]) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let res =
+            match tokio::time::timeout(STORE_CALL_TIMEOUT, self.store.insert_usage(rows)).await {
+                Ok(r) => r,
+                Err(_) => Err(StoreError::Database("usage insert timed out".into())),
+            };
+        match &res {
             Ok(()) => {
                 metrics::USAGE_FLUSH_SECONDS.observe(started.elapsed().as_secs_f64());
                 metrics::USAGE_RECORDS_WRITTEN.inc_by(rows.len() as u64);
-                stats.written += rows.len() as u64;
-                return;
+            }
+            Err(_) => metrics::USAGE_WRITE_ERRORS.inc(),
+        }
+        res
+    }
+
+    /// Writes a fresh batch, or spools it when the store is failing.
+    async fn store_batch(&mut self, rows: &[UsageRecord]) {
+        if self.healthy {
+            match self.insert(rows).await {
+                Ok(()) => {
+                    self.stats.written += rows.len() as u64;
+                    return;
+                }
+                Err(e) => self.failed(&e),
+            }
+        }
+        self.spool_rows(rows);
+    }
+
+    fn spool_rows(&mut self, rows: &[UsageRecord]) {
+        match self.spool.append(rows) {
+            Ok(()) => {
+                self.stats.spooled += rows.len() as u64;
+                metrics::USAGE_RECORDS_SPOOLED.inc_by(rows.len() as u64);
+                if self.spool_failing {
+                    self.spool_failing = false;
+                    log::info!("usage spool accepts rows again");
+                }
             }
             Err(e) => {
-                metrics::USAGE_WRITE_ERRORS.inc();
-                if !failed_once {
-                    failed_once = true;
-                    stats.failed_batches += 1;
-                    log::warn!("usage write of {} rows failed, retrying: {e}", rows.len());
+                self.stats.dropped += rows.len() as u64;
+                metrics::USAGE_RECORDS_DROPPED.inc_by(rows.len() as u64);
+                if !self.spool_failing {
+                    self.spool_failing = true;
+                    log::error!(
+                        "usage rows LOST: the store is failing and the spool refused them: {e}"
+                    );
                 }
             }
         }
-        if rx.is_closed() {
-            let since = *closed_since.get_or_insert_with(tokio::time::Instant::now);
-            if since.elapsed() >= SHUTDOWN_RETRY {
-                stats.abandoned += rows.len() as u64;
-                metrics::USAGE_RECORDS_DROPPED.inc_by(rows.len() as u64);
-                log::error!(
-                    "store unavailable at shutdown: {} usage rows not written",
-                    rows.len()
-                );
-                return;
+        metrics::USAGE_SPOOL_BYTES.set(self.spool.pending_bytes() as i64);
+    }
+
+    fn failed(&mut self, e: &StoreError) {
+        if self.healthy {
+            self.healthy = false;
+            self.stats.outages += 1;
+            log::warn!("usage store failing, spooling rows to disk: {e}");
+        }
+        self.retry_at = Instant::now() + self.backoff;
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+    }
+
+    /// Replays spooled batches for up to `budget` once a retry is due.
+    async fn replay(&mut self, budget: Duration) {
+        if self.spool.is_empty() || Instant::now() < self.retry_at {
+            return;
+        }
+        let started = Instant::now();
+        loop {
+            let batch = match self.spool.peek() {
+                Ok(Some(b)) => b,
+                Ok(None) => break,
+                Err(e) => {
+                    log::error!("usage spool unreadable: {e}");
+                    self.retry_at = Instant::now() + BACKOFF_MAX;
+                    break;
+                }
+            };
+            match self.insert(&batch.rows).await {
+                Ok(()) => {
+                    let n = batch.rows.len() as u64;
+                    self.stats.written += n;
+                    self.stats.replayed += n;
+                    metrics::USAGE_RECORDS_REPLAYED.inc_by(n);
+                    if let Err(e) = self.spool.ack(&batch) {
+                        log::error!("usage spool: cannot retire a replayed batch: {e}");
+                    }
+                    if !self.healthy {
+                        self.healthy = true;
+                        log::info!(
+                            "usage store is back; replaying {} spooled bytes",
+                            self.spool.pending_bytes()
+                        );
+                    }
+                    self.backoff = BACKOFF_MIN;
+                }
+                Err(e) => {
+                    self.failed(&e);
+                    break;
+                }
+            }
+            metrics::USAGE_SPOOL_BYTES.set(self.spool.pending_bytes() as i64);
+            if started.elapsed() >= budget {
+                break;
             }
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
+        metrics::USAGE_SPOOL_BYTES.set(self.spool.pending_bytes() as i64);
+    }
+
+    fn sync_spool(&mut self, now: bool) {
+        let res = if now {
+            self.spool.sync()
+        } else {
+            self.spool.sync_if_due()
+        };
+        if let Err(e) = res {
+            log::error!("usage spool fsync failed: {e}");
+        }
+    }
+
+    /// At shutdown: one last replay if the store answers, then make the spool durable.
+    async fn finish(mut self) -> WriterStats {
+        if !self.spool.is_empty() {
+            self.retry_at = Instant::now();
+            self.replay(SHUTDOWN_REPLAY).await;
+        }
+        self.sync_spool(true);
+        self.stats.spool_bytes_left = self.spool.pending_bytes();
+        if self.stats.spool_bytes_left > 0 {
+            log::warn!(
+                "usage store unavailable at shutdown: {} bytes of rows stay spooled for the next start",
+                self.stats.spool_bytes_left
+            );
+        }
+        metrics::USAGE_QUEUE_DEPTH.set(0);
+        self.stats
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::keys::KeyRecord;
+    use crate::store::sqlite::SqliteStore;
+    use crate::store::{ReportRow, UsageQuery};
+    use crate::usage::TokenSource;
+
+    /// An in-memory SQLite store whose usage inserts fail while `down` is set.
+    struct Flaky {
+        inner: SqliteStore,
+        down: AtomicBool,
+        calls: AtomicU64,
+    }
+
+    #[async_trait]
+    impl Store for Flaky {
+        async fn migrate(&self) -> Result<(), StoreError> {
+            self.inner.migrate().await
+        }
+        async fn insert_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
+            self.inner.insert_key(key).await
+        }
+        async fn get_key(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
+            self.inner.get_key(id).await
+        }
+        async fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+            self.inner.list_keys().await
+        }
+        async fn revoke_key(&self, id: &str, at_ms: i64) -> Result<bool, StoreError> {
+            self.inner.revoke_key(id, at_ms).await
+        }
+        async fn keys_changed_since(&self, rev: i64) -> Result<Vec<KeyRecord>, StoreError> {
+            self.inner.keys_changed_since(rev).await
+        }
+        async fn max_key_rev(&self) -> Result<i64, StoreError> {
+            self.inner.max_key_rev().await
+        }
+        async fn insert_usage(&self, rows: &[UsageRecord]) -> Result<(), StoreError> {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            if self.down.load(Ordering::Relaxed) {
+                return Err(StoreError::Database("connection refused".into()));
+            }
+            self.inner.insert_usage(rows).await
+        }
+        async fn query_usage(&self, q: &UsageQuery) -> Result<Vec<UsageRecord>, StoreError> {
+            self.inner.query_usage(q).await
+        }
+        async fn usage_report(&self, q: &UsageQuery) -> Result<Vec<ReportRow>, StoreError> {
+            self.inner.usage_report(q).await
+        }
+    }
+
+    fn flaky(down: bool) -> Arc<Flaky> {
+        let inner = SqliteStore::open(Path::new(":memory:")).unwrap();
+        let s = Arc::new(Flaky {
+            inner,
+            down: AtomicBool::new(down),
+            calls: AtomicU64::new(0),
+        });
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(s.migrate())
+            .unwrap();
+        s
+    }
+
+    fn settings(max_bytes: u64) -> UsageSettings {
+        UsageSettings {
+            queue_capacity: 10_000,
+            batch_size: 50,
+            flush_interval: Duration::from_millis(5),
+            spool_dir: None,
+            spool_max_bytes: max_bytes,
+            spool_fsync_interval: Duration::from_millis(20),
+        }
+    }
+
+    fn rec(i: usize) -> UsageRecord {
+        UsageRecord {
+            request_id: format!("r{i:06}"),
+            key_id: "k".into(),
+            model: "m".into(),
+            provider: "p".into(),
+            endpoint: "chat".into(),
+            prompt_tokens: 1,
+            cached_prompt_tokens: 0,
+            completion_tokens: 2,
+            cost_pusd: 3,
+            input_price_micros: 1,
+            output_price_micros: 1,
+            status: 200,
+            stream: false,
+            token_source: TokenSource::Provider,
+            started_at_ms: i as i64,
+            latency_ms: 1,
+            ttfb_ms: None,
+            error: None,
+        }
+    }
+
+    fn stored(s: &Flaky) -> Vec<String> {
+        let rows = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(s.inner.query_usage(&UsageQuery::default()))
+            .unwrap();
+        rows.into_iter().map(|r| r.request_id).collect()
+    }
+
+    fn wait_until(mut f: impl FnMut() -> bool) {
+        let t = Instant::now();
+        while !f() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "condition never held"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn outage_spools_and_replays_every_row_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = flaky(false);
+        let (sink, writer) =
+            UsageWriter::spawn(store.clone(), &settings(1 << 30), dir.path()).unwrap();
+        for i in 0..100 {
+            assert!(sink.record(rec(i)));
+        }
+        wait_until(|| stored(&store).len() == 100);
+        store.down.store(true, Ordering::Relaxed);
+        for i in 100..600 {
+            assert!(sink.record(rec(i)));
+        }
+        // The queue keeps draining into the spool while the store is down, and the
+        // store is probed with backoff rather than once per batch.
+        wait_until(|| sink.depth() == 0);
+        std::thread::sleep(Duration::from_millis(200));
+        let probes = store.calls.load(Ordering::Relaxed);
+        assert!(probes < 30, "{probes} store calls during a 200 ms outage");
+        assert_eq!(stored(&store).len(), 100);
+        store.down.store(false, Ordering::Relaxed);
+        for i in 600..700 {
+            assert!(sink.record(rec(i)));
+        }
+        wait_until(|| stored(&store).len() == 700);
+        drop(sink);
+        let stats = writer.shutdown();
+        let mut ids = stored(&store);
+        ids.dedup();
+        assert_eq!(ids.len(), 700);
+        assert_eq!(stats.written, 700);
+        assert!(stats.spooled >= 500, "{stats:?}");
+        assert_eq!(stats.replayed, stats.spooled);
+        assert_eq!(stats.dropped, 0);
+        assert_eq!(stats.spool_bytes_left, 0);
+        assert!(stats.outages >= 1);
+    }
+
+    #[test]
+    fn rows_spooled_at_shutdown_are_replayed_by_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = flaky(true);
+        let (sink, writer) =
+            UsageWriter::spawn(store.clone(), &settings(1 << 30), dir.path()).unwrap();
+        for i in 0..250 {
+            assert!(sink.record(rec(i)));
+        }
+        drop(sink);
+        let stats = writer.shutdown();
+        assert_eq!(stats.written, 0);
+        assert_eq!(stats.spooled, 250);
+        assert_eq!(stats.dropped, 0);
+        assert!(stats.spool_bytes_left > 0);
+        // The next run (the database is back) replays before anything else.
+        store.down.store(false, Ordering::Relaxed);
+        let (sink, writer) =
+            UsageWriter::spawn(store.clone(), &settings(1 << 30), dir.path()).unwrap();
+        wait_until(|| stored(&store).len() == 250);
+        drop(sink);
+        let stats = writer.shutdown();
+        assert_eq!(stats.replayed, 250);
+        assert_eq!(stats.spool_bytes_left, 0);
+    }
+
+    #[test]
+    fn a_full_spool_drops_and_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = flaky(true);
+        let before = metrics::USAGE_RECORDS_DROPPED.get();
+        // 1 MiB holds a few thousand rows; offer more than fit.
+        let (sink, writer) =
+            UsageWriter::spawn(store.clone(), &settings(1 << 20), dir.path()).unwrap();
+        let offered = 8_000;
+        for i in 0..offered {
+            assert!(sink.record(rec(i)));
+            if (i + 1).is_multiple_of(1000) {
+                wait_until(|| sink.depth() == 0);
+            }
+        }
+        drop(sink);
+        let stats = writer.shutdown();
+        assert!(stats.dropped > 0, "{stats:?}");
+        assert_eq!(stats.spooled + stats.dropped, offered as u64);
+        assert!(stats.spool_bytes_left <= 1 << 20);
+        assert!(metrics::USAGE_RECORDS_DROPPED.get() - before >= stats.dropped);
     }
 }

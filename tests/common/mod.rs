@@ -1,2 +1,4 @@
 pub mod gateway;
 pub mod http;
+pub mod node;
+pub mod pg;
