@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian/Ubuntu machine with Rust installed:
-# installs what the build needs (cmake, a C compiler), then runs formatting,
-# lints, unit tests and the end-to-end tests (real gateway, mock provider, SQLite).
+# installs what the build needs (cmake, a C compiler) and the servers the tests
+# start (redis-server, PostgreSQL), then runs formatting, lints, unit tests and the
+# end-to-end tests (real gateway nodes, mock provider, SQLite, PostgreSQL, Redis).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 . scripts/lib/build-deps.sh
+. scripts/lib/test-services.sh
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
 # The OpenAI SDK check drives the gateway with the official Python client.
