@@ -134,8 +134,16 @@ impl PostgresStore {
     /// Builds the pool for `url` and opens one connection, so a wrong URL or a down
     /// server fails at start-up rather than on the first request. Does not migrate.
     pub async fn connect(url: &str, opts: PgOptions) -> Result<PostgresStore, StoreError> {
-        let mut cfg = tokio_postgres::Config::from_str(url)
-            .map_err(|e| StoreError::Database(format!("invalid postgres URL: {e}")))?;
+        let mut cfg = tokio_postgres::Config::from_str(url).map_err(|e| {
+            // Parse errors quote parts of the URL (an unknown option's name); make sure
+            // a mistyped URL cannot echo its password.
+            let text = describe(&e);
+            let text = match url_password(url) {
+                Some(p) if !p.is_empty() => text.replace(p, "***"),
+                _ => text,
+            };
+            StoreError::Database(format!("invalid postgres URL: {text}"))
+        })?;
         cfg.connect_timeout(opts.connect_timeout);
         if cfg.get_application_name().is_none() {
             cfg.application_name("ai4free");
@@ -177,6 +185,7 @@ impl PostgresStore {
         match timeout_at(deadline, self.pool.get()).await {
             Ok(Ok(client)) => Ok(client),
             Ok(Err(PoolError::Timeout(_))) | Err(_) => Err(timed_out(op)),
+            Ok(Err(PoolError::Backend(e))) => Err(pg(op)(e)),
             Ok(Err(e)) => Err(StoreError::Database(format!("postgres {op}: {e}"))),
         }
     }
@@ -206,7 +215,31 @@ fn timed_out(op: &'static str) -> StoreError {
 /// Maps a tokio-postgres error for `op`. Its text names options and SQL states, never
 /// the connection's password.
 fn pg(op: &'static str) -> impl Fn(tokio_postgres::Error) -> StoreError + Copy {
-    move |e| StoreError::Database(format!("postgres {op}: {e}"))
+    move |e| StoreError::Database(format!("postgres {op}: {}", describe(&e)))
+}
+
+/// The raw password of `scheme://user:password@host…`, if any.
+fn url_password(url: &str) -> Option<&str> {
+    let rest = url.split_once("://")?.1;
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    let userinfo = &authority[..authority.rfind('@')?];
+    Some(userinfo.split_once(':')?.1)
+}
+
+/// The error and its causes on one line: tokio-postgres keeps the server's message
+/// (and the OS error of a failed connect) in `source()`, not in `Display`.
+fn describe(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let part = c.to_string();
+        if !text.ends_with(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cause = c.source();
+    }
+    text.replace('\n', " ")
 }
 
 /// Runs one store call: checkout and statements share the deadline.
@@ -689,5 +722,475 @@ impl Store for PostgresStore {
             &args
         ))?;
         rows.iter().map(report_from_row).collect()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use std::net::{SocketAddr, TcpListener};
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::store::conformance::{admin_client, key, usage, TestSchema};
+
+    const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+    /// A private PostgreSQL server in a temp dir, for tests that stop and start it.
+    /// It runs as the `postgres` user (the server refuses root) and is stopped on drop.
+    struct PrivatePg {
+        dir: tempfile::TempDir,
+        port: u16,
+    }
+
+    impl PrivatePg {
+        fn start() -> PrivatePg {
+            let dir = tempfile::tempdir().unwrap();
+            run(Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(dir.path()));
+            let pg = PrivatePg {
+                port: closed_port(),
+                dir,
+            };
+            run(pg
+                .as_postgres("initdb")
+                .args(["-A", "trust", "-U", "postgres", "--no-sync"])
+                .args(["-E", "UTF8", "--locale=C", "-D"])
+                .arg(pg.data()));
+            pg.resume();
+            pg
+        }
+
+        fn url(&self) -> String {
+            format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+        }
+
+        fn data(&self) -> PathBuf {
+            self.dir.path().join("data")
+        }
+
+        fn as_postgres(&self, tool: &str) -> Command {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"])
+                .arg(Path::new(PG_BIN).join(tool));
+            c
+        }
+
+        fn pg_ctl(&self, action: &str) -> Command {
+            let mut c = self.as_postgres("pg_ctl");
+            c.arg("-D")
+                .arg(self.data())
+                .args(["-w", "-t", "30", action]);
+            c
+        }
+
+        /// Starts (or restarts after [`PrivatePg::kill`]) on the same port and data.
+        fn resume(&self) {
+            let options = format!(
+                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+                self.port,
+                self.dir.path().display()
+            );
+            run(self
+                .pg_ctl("start")
+                .arg("-o")
+                .arg(options)
+                .arg("-l")
+                .arg(self.dir.path().join("log")));
+        }
+
+        /// Stops the server the hard way: every backend dies at once, like a crash.
+        fn kill(&self) {
+            run(self.pg_ctl("stop").args(["-m", "immediate"]));
+        }
+    }
+
+    impl Drop for PrivatePg {
+        fn drop(&mut self) {
+            let _ = self
+                .pg_ctl("stop")
+                .args(["-m", "immediate"])
+                .stderr(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .status();
+        }
+    }
+
+    fn run(cmd: &mut Command) {
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn quick() -> PgOptions {
+        PgOptions {
+            pool_size: 4,
+            connect_timeout: Duration::from_millis(500),
+            query_timeout: Duration::from_millis(800),
+        }
+    }
+
+    async fn migrated(url: &str, opts: PgOptions) -> PostgresStore {
+        let store = PostgresStore::connect(url, opts).await.unwrap();
+        store.migrate().await.unwrap();
+        store
+    }
+
+    fn database_error(r: Result<impl std::fmt::Debug, StoreError>) -> String {
+        match r {
+            Err(StoreError::Database(msg)) => msg,
+            other => panic!("expected a database error, got {other:?}"),
+        }
+    }
+
+    /// A port nothing listens on (bound, then released).
+    fn closed_port() -> u16 {
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    /// A TCP peer that accepts connections and never answers: a blackholed server.
+    async fn silent_server() -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn where_clause_numbers_parameters_in_order() {
+        let q = UsageQuery {
+            since_ms: Some(1),
+            until_ms: None,
+            key_id: Some("k".into()),
+        };
+        let (sql, args) = where_clause(&q);
+        assert_eq!(sql, " WHERE started_at_ms >= $1 AND key_id = $2");
+        assert_eq!(args.len(), 2);
+        let none = UsageQuery::default();
+        let (sql, args) = where_clause(&none);
+        assert_eq!((sql.as_str(), args.len()), ("", 0));
+        let full = UsageQuery {
+            since_ms: Some(1),
+            until_ms: Some(2),
+            key_id: Some("k".into()),
+        };
+        assert_eq!(
+            where_clause(&full).0,
+            " WHERE started_at_ms >= $1 AND started_at_ms < $2 AND key_id = $3"
+        );
+    }
+
+    #[test]
+    fn url_password_finds_only_the_userinfo_password() {
+        assert_eq!(
+            url_password("postgres://u:p%40ss@h:5432/db?x=1"),
+            Some("p%40ss")
+        );
+        assert_eq!(url_password("postgres://u@h/db?password=x"), None);
+        assert_eq!(url_password("postgres://h/db?a=b:c@d"), None);
+        assert_eq!(url_password("host=h password=x"), None);
+    }
+
+    #[test]
+    fn sums_parse_exactly_beyond_i64() {
+        let big = "27670116110564327424";
+        assert_eq!(parse_sum(big).unwrap(), 27_670_116_110_564_327_424_i128);
+        assert_eq!(parse_sum("-5").unwrap(), -5);
+        assert!(parse_sum("1.5").is_err());
+        assert_eq!(sum_u64(big).unwrap(), u64::MAX);
+        assert_eq!(sum_u64("-3").unwrap(), 0);
+    }
+
+    #[test]
+    fn nul_becomes_replacement_character_only_when_present() {
+        assert!(matches!(pg_text("plain"), Cow::Borrowed("plain")));
+        assert_eq!(pg_text("a\0b"), "a\u{FFFD}b");
+        let rows = [UsageRecord {
+            error: Some("x\0".into()),
+            ..usage("r\0", "k", 1)
+        }];
+        let cols = UsageColumns::new(&rows);
+        assert_eq!(cols.request_id, ["r\u{FFFD}"]);
+        assert_eq!(cols.error, [Some(Cow::Borrowed("x\u{FFFD}"))]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn three_nodes_migrating_a_fresh_database_apply_each_migration_once() {
+        let schema = TestSchema::create().await;
+        let url = schema.url();
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            nodes.push(Arc::new(
+                PostgresStore::connect(&url, quick()).await.unwrap(),
+            ));
+        }
+        let tasks: Vec<_> = nodes
+            .iter()
+            .map(|n| {
+                let n = n.clone();
+                tokio::spawn(async move { n.migrate().await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let admin = admin_client(&url).await;
+        let versions: Vec<i32> = admin
+            .query(
+                "SELECT version FROM ai4free_schema_migrations ORDER BY version",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let expected: Vec<i32> = (1..=MIGRATIONS.len() as i32).collect();
+        assert_eq!(versions, expected);
+        let counters: i64 = admin
+            .query_one("SELECT count(*) FROM ai4free_key_rev", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(counters, 1);
+        // Every node works on the shared schema.
+        for (i, n) in nodes.iter().enumerate() {
+            n.insert_key(&key(&format!("k{i}"), 1)).await.unwrap();
+        }
+        assert_eq!(nodes[0].list_keys().await.unwrap().len(), 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn key_writes_notify_their_rev_on_commit_only() {
+        let schema = TestSchema::create().await;
+        let store = migrated(&schema.url(), quick()).await;
+        let (listener, mut conn) = tokio_postgres::connect(&schema.url(), NoTls).await.unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+                    Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                        let _ = tx.send((n.channel().to_owned(), n.payload().to_owned()));
+                    }
+                    Some(Ok(_)) => {}
+                    _ => return,
+                }
+            }
+        });
+        listener.batch_execute("LISTEN ai4free_keys").await.unwrap();
+
+        store.insert_key(&key("a", 1)).await.unwrap();
+        assert!(store.insert_key(&key("a", 2)).await.is_err());
+        assert!(!store.revoke_key("missing", 3).await.unwrap());
+        assert!(store.revoke_key("a", 4).await.unwrap());
+        let rev = store.max_key_rev().await.unwrap();
+
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            let n = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .expect("notification within 5 s")
+                .unwrap();
+            got.push(n);
+        }
+        // Only the two committed writes notified; the refused ones rolled theirs back,
+        // so the next notification is the next write's.
+        store.insert_key(&key("b", 5)).await.unwrap();
+        got.push(
+            tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .expect("notification within 5 s")
+                .unwrap(),
+        );
+        let channel = "ai4free_keys".to_owned();
+        assert_eq!(
+            got,
+            [
+                (channel.clone(), (rev - 1).to_string()),
+                (channel.clone(), rev.to_string()),
+                (channel, (rev + 1).to_string()),
+            ]
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_stuck_on_a_lock_times_out_and_leaves_no_trace() {
+        let schema = TestSchema::create().await;
+        let opts = quick();
+        let store = migrated(&schema.url(), opts.clone()).await;
+        store.insert_key(&key("before", 1)).await.unwrap();
+        let rev = store.max_key_rev().await.unwrap();
+
+        // Another session holds the key counter's row lock.
+        let mut admin = admin_client(&schema.url()).await;
+        let holder = admin.transaction().await.unwrap();
+        holder
+            .execute("SELECT rev FROM ai4free_key_rev FOR UPDATE", &[])
+            .await
+            .unwrap();
+
+        let started = std::time::Instant::now();
+        let msg = database_error(store.insert_key(&key("stuck", 2)).await);
+        let took = started.elapsed();
+        assert!(msg.contains("timed out"), "{msg}");
+        assert!(took >= opts.query_timeout, "{took:?}");
+        assert!(
+            took < opts.query_timeout + Duration::from_secs(1),
+            "{took:?}"
+        );
+        holder.rollback().await.unwrap();
+
+        // The abandoned transaction never committed, and the pool serves new calls.
+        assert_eq!(store.get_key("stuck").await.unwrap(), None);
+        assert_eq!(store.max_key_rev().await.unwrap(), rev);
+        store.insert_key(&key("after", 3)).await.unwrap();
+        assert!(store.get_key("after").await.unwrap().unwrap().rev > rev);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_blackholed_server_fails_within_the_deadline() {
+        let addr = silent_server().await;
+        let opts = quick();
+        let started = std::time::Instant::now();
+        let url = format!("postgres://root:Hush-4242-pw@{addr}/test");
+        let msg = database_error(PostgresStore::connect(&url, opts.clone()).await);
+        assert!(msg.contains("timed out"), "{msg}");
+        assert!(started.elapsed() < opts.query_timeout + Duration::from_secs(1));
+        assert!(!msg.contains("Hush-4242-pw"), "{msg}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn errors_never_show_the_password() {
+        const SECRET: &str = "Sup3r-S3cret-pw";
+        let refused = format!("postgres://root:{SECRET}@127.0.0.1:{}/test", closed_port());
+        let bad_option =
+            format!("postgres://root:{SECRET}@127.0.0.1:5432/test?connect_timeout=soon");
+        let unknown_option = format!("postgres://root:{SECRET}@127.0.0.1:5432/test?{SECRET}=1");
+        let bad_port = format!("postgres://root:{SECRET}@127.0.0.1:port{SECRET}/test");
+        for url in [refused, bad_option, unknown_option, bad_port] {
+            let msg = database_error(PostgresStore::connect(&url, quick()).await);
+            assert!(!msg.contains(SECRET), "{msg}");
+        }
+        // Errors from a live connection (trust auth ignores the password): no tables yet.
+        let schema = TestSchema::create().await;
+        let with_password = schema
+            .url()
+            .replacen("://root@", &format!("://root:{SECRET}@"), 1);
+        assert_ne!(with_password, schema.url());
+        let store = PostgresStore::connect(&with_password, quick())
+            .await
+            .unwrap();
+        let msg = database_error(store.get_key("k").await);
+        assert!(msg.contains("api_keys"), "{msg}");
+        assert!(!msg.contains(SECRET), "{msg}");
+        assert!(!format!("{store:?}").contains(SECRET));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nul_bytes_do_not_poison_a_usage_batch() {
+        let schema = TestSchema::create().await;
+        let store = migrated(&schema.url(), quick()).await;
+        let rows = [
+            usage("ok", "k", 1),
+            UsageRecord {
+                error: Some("bad\0byte".into()),
+                model: "m\0".into(),
+                ..usage("nul", "k", 2)
+            },
+        ];
+        store.insert_usage(&rows).await.unwrap();
+        let got = store.query_usage(&UsageQuery::default()).await.unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[1].error.as_deref(), Some("bad\u{FFFD}byte"));
+        assert_eq!(got[1].model, "m\u{FFFD}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_pool_recovers_by_itself_when_the_server_comes_back() {
+        let pg = Arc::new(tokio::task::spawn_blocking(PrivatePg::start).await.unwrap());
+        let opts = quick();
+        let store = Arc::new(migrated(&pg.url(), opts.clone()).await);
+        store.insert_key(&key("k1", 1)).await.unwrap();
+        store.insert_usage(&[usage("r1", "k1", 1)]).await.unwrap();
+        // Warm every pooled connection, so the outage leaves dead ones behind.
+        for rev in max_rev_from_many_tasks(&store, opts.pool_size).await {
+            assert!(rev.unwrap() > 0);
+        }
+
+        let p = pg.clone();
+        tokio::task::spawn_blocking(move || p.kill()).await.unwrap();
+        for _ in 0..3 {
+            let started = std::time::Instant::now();
+            database_error(store.get_key("k1").await);
+            database_error(store.insert_usage(&[usage("r-down", "k1", 2)]).await);
+            database_error(store.max_key_rev().await);
+            let took = started.elapsed();
+            assert!(
+                took < opts.query_timeout + Duration::from_secs(1),
+                "{took:?}"
+            );
+        }
+
+        let p = pg.clone();
+        tokio::task::spawn_blocking(move || p.resume())
+            .await
+            .unwrap();
+        let back = std::time::Instant::now();
+        let k1 = loop {
+            match store.get_key("k1").await {
+                Ok(found) => break found.unwrap(),
+                Err(_) if back.elapsed() < Duration::from_secs(10) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("store did not recover within 10 s: {e}"),
+            }
+        };
+        assert_eq!(k1.id, "k1");
+        // Every pooled connection works again, not just one.
+        for rev in max_rev_from_many_tasks(&store, 2 * opts.pool_size).await {
+            assert_eq!(rev.unwrap(), k1.rev);
+        }
+        store.insert_usage(&[usage("r2", "k1", 3)]).await.unwrap();
+        let ids: Vec<String> = store
+            .query_usage(&UsageQuery::default())
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.request_id)
+            .collect();
+        assert_eq!(ids, ["r1", "r2"]);
+    }
+
+    async fn max_rev_from_many_tasks(
+        store: &Arc<PostgresStore>,
+        tasks: usize,
+    ) -> Vec<Result<i64, StoreError>> {
+        let handles: Vec<_> = (0..tasks)
+            .map(|_| {
+                let s = store.clone();
+                tokio::spawn(async move { s.max_key_rev().await })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for h in handles {
+            out.push(h.await.unwrap());
+        }
+        out
     }
 }
