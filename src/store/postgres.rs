@@ -42,7 +42,7 @@ use crate::usage::{TokenSource, UsageRecord};
 
 /// Schema migrations, applied in order; `ai4free_schema_migrations` records each
 /// applied version (1-based index into this list).
-pub(crate) const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[r#"
 CREATE TABLE api_keys (
     id            TEXT PRIMARY KEY,
     name          TEXT,
@@ -729,34 +729,50 @@ impl Store for PostgresStore {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use std::net::{SocketAddr, TcpListener};
-    use std::path::{Path, PathBuf};
+    use std::path::PathBuf;
     use std::process::Command;
     use std::sync::Arc;
 
     use super::*;
     use crate::store::conformance::{admin_client, key, usage, TestSchema};
 
-    const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+    /// Where initdb and pg_ctl live (`AI4FREE_TEST_PG_BIN` overrides).
+    fn pg_bin() -> PathBuf {
+        std::env::var_os("AI4FREE_TEST_PG_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin"))
+    }
+
+    /// The server refuses to run as root: as root, run it as the `postgres` user.
+    fn running_as_root() -> bool {
+        let out = Command::new("id").arg("-u").output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim() == "0"
+    }
 
     /// A private PostgreSQL server in a temp dir, for tests that stop and start it.
-    /// It runs as the `postgres` user (the server refuses root) and is stopped on drop.
+    /// Stopped on drop.
     struct PrivatePg {
         dir: tempfile::TempDir,
         port: u16,
+        as_root: bool,
     }
 
     impl PrivatePg {
         fn start() -> PrivatePg {
             let dir = tempfile::tempdir().unwrap();
-            run(Command::new("chown")
-                .arg("postgres:postgres")
-                .arg(dir.path()));
+            let as_root = running_as_root();
+            if as_root {
+                run(Command::new("chown")
+                    .arg("postgres:postgres")
+                    .arg(dir.path()));
+            }
             let pg = PrivatePg {
                 port: closed_port(),
                 dir,
+                as_root,
             };
             run(pg
-                .as_postgres("initdb")
+                .tool("initdb")
                 .args(["-A", "trust", "-U", "postgres", "--no-sync"])
                 .args(["-E", "UTF8", "--locale=C", "-D"])
                 .arg(pg.data()));
@@ -772,15 +788,19 @@ mod tests {
             self.dir.path().join("data")
         }
 
-        fn as_postgres(&self, tool: &str) -> Command {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"])
-                .arg(Path::new(PG_BIN).join(tool));
-            c
+        fn tool(&self, name: &str) -> Command {
+            let path = pg_bin().join(name);
+            if self.as_root {
+                let mut c = Command::new("runuser");
+                c.args(["-u", "postgres", "--"]).arg(path);
+                c
+            } else {
+                Command::new(path)
+            }
         }
 
         fn pg_ctl(&self, action: &str) -> Command {
-            let mut c = self.as_postgres("pg_ctl");
+            let mut c = self.tool("pg_ctl");
             c.arg("-D")
                 .arg(self.data())
                 .args(["-w", "-t", "30", action]);
