@@ -1083,6 +1083,40 @@ mod tests {
         assert!(store.get_key("after").await.unwrap().unwrap().rev > rev);
     }
 
+    /// `serve` opens the store on a short-lived start-up runtime. The connections made
+    /// there die with it; later calls from other runtimes must not wait on them.
+    #[test]
+    fn a_store_outlives_the_runtime_that_opened_it() {
+        let startup = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (schema, store) = startup.block_on(async {
+            let schema = TestSchema::create().await;
+            let store = migrated(&schema.url(), quick()).await;
+            store.insert_key(&key("k", 1)).await.unwrap();
+            (schema, store)
+        });
+        drop(startup);
+        let serving = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        serving.block_on(async {
+            let started = std::time::Instant::now();
+            assert_eq!(store.get_key("k").await.unwrap().unwrap().id, "k");
+            assert!(
+                started.elapsed() < quick().query_timeout,
+                "{:?}",
+                started.elapsed()
+            );
+            store.insert_key(&key("k2", 2)).await.unwrap();
+        });
+        drop(store);
+        drop(schema);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_blackholed_server_fails_within_the_deadline() {
         let addr = silent_server().await;
