@@ -8,7 +8,7 @@
 //! - [`limits`]: tier limits and the local (pingora-limits) limiter.
 //! - [`tokens`]: SSE parsing, usage extraction and token counting (pure, no IO).
 //! - [`usage`]: usage records and the bounded, batching writer.
-//! - [`store`]: persistence behind one trait (embedded SQLite today).
+//! - [`store`]: persistence behind one trait (embedded SQLite, or PostgreSQL for several nodes).
 //! - [`metrics`]: every Prometheus metric the gateway exports.
 //! - [`proxy`]: the Pingora `ProxyHttp` glue that ties the above together.
 //! - [`mock`]: an OpenAI-compatible mock provider for tests, benchmarks and the quick start.

@@ -1,11 +1,17 @@
 //! Persistence of keys and usage behind one trait.
 //!
 //! [`Store`] is the seam between the gateway and its database. The embedded SQLite
-//! implementation ([`sqlite::SqliteStore`]) is the default; PostgreSQL plugs in
-//! behind the same trait. Store calls are never made per request for a cached key:
-//! the proxy talks to [`crate::keys::cache::KeyCache`] and to the usage queue.
+//! implementation ([`sqlite::SqliteStore`]) is the default for one node;
+//! [`postgres::PostgresStore`] serves several nodes sharing one database. Both keep
+//! the same tables and pass the same conformance suite (`conformance.rs`). Store
+//! calls are never made per request for a cached key: the proxy talks to
+//! [`crate::keys::cache::KeyCache`] and to the usage queue.
 
+pub mod postgres;
 pub mod sqlite;
+
+#[cfg(test)]
+mod conformance;
 
 use std::sync::Arc;
 
@@ -93,6 +99,11 @@ pub async fn open(storage: &Storage) -> Result<Arc<dyn Store>, StoreError> {
             store.migrate().await?;
             Ok(Arc::new(store))
         }
-        Storage::Postgres { .. } => Err(StoreError::Unsupported("postgres")),
+        Storage::Postgres { url } => {
+            let store =
+                postgres::PostgresStore::connect(url, postgres::PgOptions::default()).await?;
+            store.migrate().await?;
+            Ok(Arc::new(store))
+        }
     }
 }

@@ -1,0 +1,649 @@
+//! The store conformance suite: the same test bodies run against SQLite and
+//! PostgreSQL, so both backends keep one meaning for every [`Store`] call.
+//!
+//! Each body takes an `Arc<dyn Store>` that is migrated and empty. PostgreSQL tests
+//! use the shared server at `AI4FREE_TEST_PG_URL` (default
+//! `postgres://root@127.0.0.1:5432/test`), each in its own fresh schema that is
+//! dropped afterwards, so they run in parallel and leave nothing behind. An
+//! unreachable server fails the tests: nothing is skipped silently.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use super::{open, ReportRow, Store, StoreError, UsageQuery};
+use crate::config::Storage;
+use crate::keys::KeyRecord;
+use crate::usage::{TokenSource, UsageRecord};
+
+// === test databases ===
+
+/// The shared PostgreSQL server tests run against.
+pub(super) fn test_pg_url() -> String {
+    std::env::var("AI4FREE_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".to_owned())
+}
+
+/// A freshly created schema on the shared server, dropped when this value is (also
+/// when the test panics). Connect with [`TestSchema::url`] to work inside it.
+pub(super) struct TestSchema {
+    base: String,
+    name: String,
+}
+
+impl TestSchema {
+    pub(super) async fn create() -> TestSchema {
+        let base = test_pg_url();
+        let name = format!("t_{:016x}", getrandom::u64().expect("random schema name"));
+        let client = admin_client(&base).await;
+        client
+            .batch_execute(&format!("CREATE SCHEMA {name}"))
+            .await
+            .expect("create test schema");
+        TestSchema { base, name }
+    }
+
+    /// The base URL with `search_path` set to this schema for every connection.
+    pub(super) fn url(&self) -> String {
+        let sep = if self.base.contains('?') { '&' } else { '?' };
+        format!("{}{sep}options=-csearch_path%3D{}", self.base, self.name)
+    }
+}
+
+impl Drop for TestSchema {
+    fn drop(&mut self) {
+        let base = self.base.clone();
+        let sql = format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name);
+        // Drop runs inside the test's runtime, which cannot block on a future: use a
+        // private one on its own thread.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let client = admin_client(&base).await;
+                client.batch_execute(&sql).await.expect("drop test schema");
+            });
+        })
+        .join();
+    }
+}
+
+/// A plain connection outside any store (schema set-up and inspection).
+pub(super) async fn admin_client(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL must be reachable for the store tests: {e}"));
+    tokio::spawn(conn);
+    client
+}
+
+async fn sqlite_store() -> Arc<dyn Store> {
+    open(&Storage::Sqlite {
+        path: Path::new(":memory:").to_path_buf(),
+    })
+    .await
+    .unwrap()
+}
+
+async fn postgres_store(schema: &TestSchema) -> Arc<dyn Store> {
+    open(&Storage::Postgres { url: schema.url() })
+        .await
+        .unwrap()
+}
+
+/// Instantiates every body for both backends: `store::conformance::{sqlite,postgres}::NAME`.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::sqlite_store().await).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let schema = super::TestSchema::create().await;
+                    super::$name(super::postgres_store(&schema).await).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    migrate_is_idempotent_and_concurrent,
+    keys_round_trip,
+    duplicate_key_id_conflicts,
+    revoke_is_idempotent,
+    change_feed_orders_by_rev,
+    change_feed_never_skips_under_concurrent_writes,
+    usage_batches_never_duplicate,
+    usage_query_filters,
+    usage_report_sums_exactly,
+    optional_fields_and_odd_text_round_trip,
+);
+
+// === builders ===
+
+pub(super) fn key(id: &str, created_at_ms: i64) -> KeyRecord {
+    let mut secret_hash = [0u8; 32];
+    for (i, b) in id
+        .bytes()
+        .chain(std::iter::repeat(0x5a))
+        .take(32)
+        .enumerate()
+    {
+        secret_hash[i] = b ^ (i as u8);
+    }
+    KeyRecord {
+        id: id.to_owned(),
+        name: None,
+        owner: None,
+        project: None,
+        tier: "free".to_owned(),
+        models: Vec::new(),
+        created_at_ms,
+        expires_at_ms: None,
+        revoked_at_ms: None,
+        secret_hash,
+        rev: 0,
+    }
+}
+
+pub(super) fn usage(request_id: &str, key_id: &str, started_at_ms: i64) -> UsageRecord {
+    UsageRecord {
+        request_id: request_id.to_owned(),
+        key_id: key_id.to_owned(),
+        model: "gpt-4o-mini".to_owned(),
+        provider: "openai".to_owned(),
+        endpoint: "/v1/chat/completions".to_owned(),
+        prompt_tokens: 12,
+        cached_prompt_tokens: 2,
+        completion_tokens: 30,
+        cost_pusd: 1_234_567,
+        input_price_micros: 150_000,
+        output_price_micros: 600_000,
+        status: 200,
+        stream: true,
+        token_source: TokenSource::Provider,
+        started_at_ms,
+        latency_ms: 87,
+        ttfb_ms: Some(21),
+        error: None,
+    }
+}
+
+/// `record` as the store returns it: the same, with the store's `rev`.
+fn with_rev(record: &KeyRecord, rev: i64) -> KeyRecord {
+    KeyRecord {
+        rev,
+        ..record.clone()
+    }
+}
+
+fn all() -> UsageQuery {
+    UsageQuery::default()
+}
+
+// === bodies ===
+
+async fn migrate_is_idempotent_and_concurrent(store: Arc<dyn Store>) {
+    store.insert_key(&key("k1", 1)).await.unwrap();
+    store.migrate().await.unwrap();
+    store.migrate().await.unwrap();
+    let tasks: Vec<_> = (0..3)
+        .map(|_| {
+            let s = store.clone();
+            tokio::spawn(async move { s.migrate().await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    // Re-running migrations kept the data and the rev counter.
+    let k1 = store.get_key("k1").await.unwrap().unwrap();
+    assert_eq!(store.max_key_rev().await.unwrap(), k1.rev);
+    store.insert_key(&key("k2", 2)).await.unwrap();
+    let k2 = store.get_key("k2").await.unwrap().unwrap();
+    assert!(k2.rev > k1.rev, "{} > {}", k2.rev, k1.rev);
+}
+
+async fn keys_round_trip(store: Arc<dyn Store>) {
+    assert_eq!(store.get_key("missing").await.unwrap(), None);
+    assert!(store.list_keys().await.unwrap().is_empty());
+
+    let full = KeyRecord {
+        name: Some("Zoë's \"prod\" key 🚀".to_owned()),
+        owner: Some("alice@example.com".to_owned()),
+        project: Some("proj/α".to_owned()),
+        tier: "pro".to_owned(),
+        models: vec![
+            "gpt-4o".to_owned(),
+            "openai/gpt-4o-mini".to_owned(),
+            "模型".to_owned(),
+        ],
+        expires_at_ms: Some(1_900_000_000_000),
+        revoked_at_ms: Some(1_800_000_000_000),
+        ..key("a4f_full", 1_700_000_000_000)
+    };
+    let bare = key("a4f_bare", 1_600_000_000_000);
+    // Same creation time as `full`: list order falls back to the id, bytewise.
+    let twin = key("a4f_FULL", 1_700_000_000_000);
+    for k in [&full, &bare, &twin] {
+        store.insert_key(k).await.unwrap();
+    }
+
+    let got_full = store.get_key("a4f_full").await.unwrap().unwrap();
+    let got_bare = store.get_key("a4f_bare").await.unwrap().unwrap();
+    let got_twin = store.get_key("a4f_FULL").await.unwrap().unwrap();
+    assert_eq!(got_full, with_rev(&full, got_full.rev));
+    assert_eq!(got_bare, with_rev(&bare, got_bare.rev));
+    assert_eq!(got_full.secret_hash, full.secret_hash);
+    // Revs are assigned by the store, increasing in write order.
+    assert!(0 < got_full.rev && got_full.rev < got_bare.rev && got_bare.rev < got_twin.rev);
+
+    let listed = store.list_keys().await.unwrap();
+    assert_eq!(listed, vec![got_bare, got_twin, got_full]);
+}
+
+async fn duplicate_key_id_conflicts(store: Arc<dyn Store>) {
+    store.insert_key(&key("dup", 1)).await.unwrap();
+    let before = store.max_key_rev().await.unwrap();
+    let again = KeyRecord {
+        tier: "pro".to_owned(),
+        ..key("dup", 2)
+    };
+    match store.insert_key(&again).await {
+        Err(StoreError::Conflict(msg)) => assert!(msg.contains("dup"), "{msg}"),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    let kept = store.get_key("dup").await.unwrap().unwrap();
+    assert_eq!(kept.tier, "free");
+    assert_eq!(kept.created_at_ms, 1);
+    // A refused insert is not a change: the feed does not move.
+    assert_eq!(store.max_key_rev().await.unwrap(), before);
+    assert!(store.keys_changed_since(before).await.unwrap().is_empty());
+}
+
+async fn revoke_is_idempotent(store: Arc<dyn Store>) {
+    store.insert_key(&key("k", 1)).await.unwrap();
+    let rev0 = store.max_key_rev().await.unwrap();
+    assert!(!store.revoke_key("nope", 5).await.unwrap());
+    assert_eq!(store.max_key_rev().await.unwrap(), rev0);
+
+    assert!(store.revoke_key("k", 1_000).await.unwrap());
+    let first = store.get_key("k").await.unwrap().unwrap();
+    assert_eq!(first.revoked_at_ms, Some(1_000));
+    assert!(first.rev > rev0);
+
+    // The first revocation time stands; the write is still a change on the feed.
+    assert!(store.revoke_key("k", 2_000).await.unwrap());
+    let second = store.get_key("k").await.unwrap().unwrap();
+    assert_eq!(second.revoked_at_ms, Some(1_000));
+    assert!(second.rev > first.rev);
+    assert_eq!(
+        store.keys_changed_since(first.rev).await.unwrap(),
+        vec![second]
+    );
+}
+
+async fn change_feed_orders_by_rev(store: Arc<dyn Store>) {
+    assert_eq!(store.max_key_rev().await.unwrap(), 0);
+    assert!(store.keys_changed_since(0).await.unwrap().is_empty());
+    for (i, id) in ["a", "b", "c"].iter().enumerate() {
+        store.insert_key(&key(id, i as i64)).await.unwrap();
+    }
+    assert!(store.revoke_key("a", 10).await.unwrap());
+
+    let feed = store.keys_changed_since(0).await.unwrap();
+    let ids: Vec<&str> = feed.iter().map(|k| k.id.as_str()).collect();
+    assert_eq!(ids, ["b", "c", "a"]);
+    assert!(feed.windows(2).all(|w| w[0].rev < w[1].rev));
+    let a = &feed[2];
+    assert_eq!(a.revoked_at_ms, Some(10));
+    assert_eq!(store.max_key_rev().await.unwrap(), a.rev);
+
+    let since_c = store.keys_changed_since(feed[1].rev).await.unwrap();
+    assert_eq!(since_c, vec![a.clone()]);
+    assert!(store.keys_changed_since(a.rev).await.unwrap().is_empty());
+}
+
+/// Follows the feed like a node's key cache while several tasks insert and revoke at
+/// once. The map built only from the feed must end equal to the store: a change
+/// committed below the cursor after the poller moved past it would be lost.
+async fn change_feed_never_skips_under_concurrent_writes(store: Arc<dyn Store>) {
+    const WRITERS: usize = 4;
+    const PER_WRITER: usize = 12;
+    for i in 0..WRITERS * PER_WRITER {
+        store
+            .insert_key(&key(&format!("old{i:03}"), i as i64))
+            .await
+            .unwrap();
+    }
+    let mut cache: BTreeMap<String, KeyRecord> = store
+        .list_keys()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|k| (k.id.clone(), k))
+        .collect();
+    let start = store.max_key_rev().await.unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let poller = {
+        let (store, stop) = (store.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut cursor = start;
+            let mut seen = Vec::new();
+            loop {
+                // Read the flag first: the poll after it sees every finished write.
+                let last = stop.load(Ordering::Acquire);
+                let batch = store.keys_changed_since(cursor).await.unwrap();
+                for k in batch {
+                    assert!(k.rev > cursor, "rev {} not above cursor {cursor}", k.rev);
+                    cursor = k.rev;
+                    seen.push(k);
+                }
+                if last {
+                    return seen;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for j in 0..PER_WRITER {
+                    let i = j * WRITERS + w;
+                    assert!(store
+                        .revoke_key(&format!("old{i:03}"), 100 + i as i64)
+                        .await
+                        .unwrap());
+                    store
+                        .insert_key(&key(&format!("new{w}-{j:02}"), 1_000 + i as i64))
+                        .await
+                        .unwrap();
+                    // Every old key is revoked twice: by its writer and by the next one.
+                    let other = ((j + 1) % PER_WRITER) * WRITERS + (w + 1) % WRITERS;
+                    assert!(store
+                        .revoke_key(&format!("old{other:03}"), 9_999)
+                        .await
+                        .unwrap());
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    stop.store(true, Ordering::Release);
+    let seen = poller.await.unwrap();
+
+    // A key written twice between two polls shows once, with its latest state; an
+    // insert or last revocation skipped by the feed would leave the cache stale.
+    assert!(seen.len() <= 3 * WRITERS * PER_WRITER);
+    for k in seen {
+        cache.insert(k.id.clone(), k);
+    }
+    let truth: BTreeMap<String, KeyRecord> = store
+        .list_keys()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|k| (k.id.clone(), k))
+        .collect();
+    assert_eq!(cache.len(), 2 * WRITERS * PER_WRITER);
+    assert_eq!(cache, truth);
+    assert!(truth
+        .values()
+        .filter(|k| k.id.starts_with("old"))
+        .all(|k| k.revoked_at_ms.is_some()));
+}
+
+async fn usage_batches_never_duplicate(store: Arc<dyn Store>) {
+    store.insert_usage(&[]).await.unwrap();
+    let first: Vec<UsageRecord> = (0..50)
+        .map(|i| usage(&format!("req-{i:03}"), "k1", 1_000 + i))
+        .collect();
+    store.insert_usage(&first).await.unwrap();
+    // The writer replays a batch whose commit it could not confirm.
+    store.insert_usage(&first).await.unwrap();
+
+    // Overlaps the first batch; the stored rows must stay the first versions.
+    let second: Vec<UsageRecord> = (25..75)
+        .map(|i| UsageRecord {
+            completion_tokens: 999,
+            ..usage(&format!("req-{i:03}"), "k1", 1_000 + i)
+        })
+        .collect();
+    store.insert_usage(&second).await.unwrap();
+    // The same request id twice inside one batch.
+    let twice = [usage("req-x", "k2", 5), usage("req-x", "k2", 5)];
+    store.insert_usage(&twice).await.unwrap();
+
+    let rows = store.query_usage(&all()).await.unwrap();
+    let ids: HashSet<&str> = rows.iter().map(|r| r.request_id.as_str()).collect();
+    assert_eq!(rows.len(), 76);
+    assert_eq!(ids.len(), rows.len(), "no request id twice");
+    let mut expected: Vec<UsageRecord> = first;
+    expected.extend(second.into_iter().skip(25));
+    expected.push(twice[0].clone());
+    expected
+        .sort_by(|a, b| (a.started_at_ms, &a.request_id).cmp(&(b.started_at_ms, &b.request_id)));
+    assert_eq!(rows, expected);
+}
+
+fn filter(rows: &[UsageRecord], q: &UsageQuery) -> Vec<UsageRecord> {
+    let mut out: Vec<UsageRecord> = rows
+        .iter()
+        .filter(|r| q.since_ms.is_none_or(|s| r.started_at_ms >= s))
+        .filter(|r| q.until_ms.is_none_or(|u| r.started_at_ms < u))
+        .filter(|r| q.key_id.as_ref().is_none_or(|k| &r.key_id == k))
+        .cloned()
+        .collect();
+    // Bytewise id order, as both stores promise.
+    out.sort_by(|a, b| {
+        (a.started_at_ms, a.request_id.as_bytes()).cmp(&(b.started_at_ms, b.request_id.as_bytes()))
+    });
+    out
+}
+
+async fn usage_query_filters(store: Arc<dyn Store>) {
+    let mut rows = Vec::new();
+    for i in 0..30i64 {
+        let key = if i % 3 == 0 { "k2" } else { "k1" };
+        // Pairs share a start time; ids differ in case, so order must be bytewise.
+        let id = if i % 2 == 0 {
+            format!("r-{i:02}")
+        } else {
+            format!("R-{i:02}")
+        };
+        rows.push(usage(&id, key, 1_000 + (i / 2) * 10));
+    }
+    store.insert_usage(&rows[..17]).await.unwrap();
+    store.insert_usage(&rows[17..]).await.unwrap();
+
+    let queries = [
+        all(),
+        UsageQuery {
+            since_ms: Some(1_050),
+            ..all()
+        },
+        UsageQuery {
+            until_ms: Some(1_050),
+            ..all()
+        },
+        UsageQuery {
+            since_ms: Some(1_020),
+            until_ms: Some(1_100),
+            ..all()
+        },
+        UsageQuery {
+            key_id: Some("k2".into()),
+            ..all()
+        },
+        UsageQuery {
+            key_id: Some("k1".into()),
+            since_ms: Some(1_030),
+            until_ms: Some(1_120),
+        },
+        UsageQuery {
+            key_id: Some("nobody".into()),
+            ..all()
+        },
+        UsageQuery {
+            since_ms: Some(1_100),
+            until_ms: Some(1_100),
+            ..all()
+        },
+    ];
+    for q in &queries {
+        let got = store.query_usage(q).await.unwrap();
+        assert_eq!(got, filter(&rows, q), "query {q:?}");
+    }
+    assert_eq!(store.query_usage(&all()).await.unwrap().len(), 30);
+}
+
+/// Totals computed in Rust from the rows (the model the stores must agree with).
+fn report(rows: &[UsageRecord], q: &UsageQuery) -> Vec<ReportRow> {
+    let mut groups: BTreeMap<(String, String), ReportRow> = BTreeMap::new();
+    for r in filter(rows, q) {
+        let g = groups
+            .entry((r.key_id.clone(), r.model.clone()))
+            .or_insert_with(|| ReportRow {
+                key_id: r.key_id.clone(),
+                model: r.model.clone(),
+                requests: 0,
+                ok_requests: 0,
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                cost_pusd: 0,
+            });
+        g.requests += 1;
+        g.ok_requests += u64::from((200..300).contains(&r.status));
+        g.prompt_tokens += r.prompt_tokens;
+        g.completion_tokens += r.completion_tokens;
+        g.cost_pusd += i128::from(r.cost_pusd);
+    }
+    groups.into_values().collect()
+}
+
+async fn usage_report_sums_exactly(store: Arc<dyn Store>) {
+    let mut rows = Vec::new();
+    let statuses = [200u16, 201, 299, 300, 429, 500, 0, 204];
+    for i in 0..40i64 {
+        let mut r = usage(
+            &format!("req-{i:02}"),
+            ["k1", "k2"][(i % 2) as usize],
+            1_000 + i,
+        );
+        r.model = ["gpt-4o", "llama-3", "Gpt-4o"][(i % 3) as usize].to_owned();
+        r.status = statuses[(i % 8) as usize];
+        r.prompt_tokens = 1_000 + i as u64 * 7;
+        r.completion_tokens = 10 * i as u64;
+        r.cost_pusd = 1_000_003 * i + 999_999;
+        rows.push(r);
+    }
+    // Costs whose sum passes i64::MAX: it must come back exact, not wrapped or rounded.
+    for (i, cost) in [i64::MAX - 7, i64::MAX / 3 + 11, i64::MAX - 1_000_001]
+        .iter()
+        .enumerate()
+    {
+        let mut r = usage(&format!("big-{i}"), "k-big", 2_000 + i as i64);
+        r.cost_pusd = *cost;
+        rows.push(r);
+    }
+    store.insert_usage(&rows).await.unwrap();
+
+    let queries = [
+        all(),
+        UsageQuery {
+            key_id: Some("k1".into()),
+            ..all()
+        },
+        UsageQuery {
+            since_ms: Some(1_010),
+            until_ms: Some(1_030),
+            ..all()
+        },
+        UsageQuery {
+            key_id: Some("none".into()),
+            ..all()
+        },
+    ];
+    for q in &queries {
+        assert_eq!(
+            store.usage_report(q).await.unwrap(),
+            report(&rows, q),
+            "query {q:?}"
+        );
+    }
+    let big = store
+        .usage_report(&UsageQuery {
+            key_id: Some("k-big".into()),
+            ..all()
+        })
+        .await
+        .unwrap();
+    let expected: i128 =
+        i128::from(i64::MAX - 7) + i128::from(i64::MAX / 3 + 11) + i128::from(i64::MAX - 1_000_001);
+    assert_eq!(big.len(), 1);
+    assert_eq!(big[0].cost_pusd, expected);
+    assert!(big[0].cost_pusd > i128::from(i64::MAX));
+}
+
+async fn optional_fields_and_odd_text_round_trip(store: Arc<dyn Store>) {
+    let odd =
+        "it's \"quoted\" \\ back\\slash; DROP TABLE usage; -- 日本語 🚀 \u{202e}rtl\u{202c} \t\n'";
+    let mut rows = Vec::new();
+    let sources = [
+        TokenSource::Provider,
+        TokenSource::Counted,
+        TokenSource::Partial,
+        TokenSource::None,
+    ];
+    for (i, source) in sources.into_iter().enumerate() {
+        let mut r = usage(&format!("opt-{i}"), odd, 10 + i as i64);
+        r.token_source = source;
+        r.stream = i % 2 == 0;
+        r.status = [0, 599, 200, 404][i];
+        r.ttfb_ms = (i % 2 == 1).then_some(i as u64 * 1_000);
+        r.error = (i != 0).then(|| format!("{odd} #{i}"));
+        r.model = String::new();
+        r.provider = "prov'ider".to_owned();
+        r.prompt_tokens = i64::MAX as u64;
+        r.cached_prompt_tokens = 0;
+        r.cost_pusd = -5;
+        r.latency_ms = 0;
+        rows.push(r);
+    }
+    store.insert_usage(&rows).await.unwrap();
+    assert_eq!(store.query_usage(&all()).await.unwrap(), rows);
+    let by_key = UsageQuery {
+        key_id: Some(odd.to_owned()),
+        ..all()
+    };
+    assert_eq!(store.query_usage(&by_key).await.unwrap(), rows);
+
+    let k = KeyRecord {
+        name: Some(odd.to_owned()),
+        owner: Some(String::new()),
+        models: vec![odd.to_owned(), String::new()],
+        ..key("odd", 3)
+    };
+    store.insert_key(&k).await.unwrap();
+    let got = store.get_key("odd").await.unwrap().unwrap();
+    assert_eq!(got, with_rev(&k, got.rev));
+}
