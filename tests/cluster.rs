@@ -1,0 +1,330 @@
+//! Several gateway nodes (separate processes of the real binary) sharing one
+//! PostgreSQL and one Redis, both private to the test so they can be killed:
+//! revocation across nodes, a database outage under load, cluster-wide limits and a
+//! Redis outage under load.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ai4free::mock::{self, MockConfig, MockHandle};
+use common::gateway::rt;
+use common::http;
+use common::node::{cluster_yaml, Node};
+use common::pg::PgServer;
+use serde_json::{json, Value};
+
+fn mock() -> MockHandle {
+    mock::start_in_thread("127.0.0.1:0".parse().unwrap(), MockConfig::default()).unwrap()
+}
+
+fn chat() -> Value {
+    json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
+}
+
+/// One chat request; returns (status, x-request-id, elapsed).
+fn call(addr: SocketAddr, key: &str) -> (u16, Option<String>, Duration) {
+    let t = Instant::now();
+    let r = rt()
+        .block_on(http::post_json(
+            addr,
+            "/v1/chat/completions",
+            Some(key),
+            &chat(),
+            &[],
+        ))
+        .unwrap();
+    (r.status, r.header("x-request-id"), t.elapsed())
+}
+
+/// Creates a key through `node`'s CLI (the same store every node reads).
+fn create_key(node: &Node, tier: &str) -> (String, String) {
+    let o = node.cli(&["keys", "create", "--tier", tier, "--json"]);
+    assert!(
+        o.status.success(),
+        "keys create: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    (
+        v["id"].as_str().unwrap().to_string(),
+        v["key"].as_str().unwrap().to_string(),
+    )
+}
+
+fn three_nodes(dir: &std::path::Path, shared: &str) -> Vec<Node> {
+    ["a", "b", "c"]
+        .iter()
+        .map(|n| Node::spawn(n, dir, shared))
+        .collect()
+}
+
+#[test]
+fn a_key_revoked_through_one_node_is_refused_by_the_others_within_a_second() {
+    let pg = PgServer::start();
+    let mock = mock();
+    let dir = tempfile::tempdir().unwrap();
+    let shared = cluster_yaml(
+        &pg.url(),
+        &mock.base_url(),
+        "  pro: { requests_per_minute: 100000 }",
+        "",
+    );
+    let nodes = three_nodes(dir.path(), &shared);
+    // A key created after the nodes started reaches all of them within a second.
+    let created = Instant::now();
+    let (id, key) = create_key(&nodes[0], "pro");
+    for n in &nodes {
+        loop {
+            let (status, _, _) = call(n.addr, &key);
+            if status == 200 {
+                break;
+            }
+            assert_eq!(status, 401, "node {}", n.name);
+            assert!(
+                created.elapsed() < Duration::from_secs(2),
+                "node {} did not see the new key",
+                n.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let o = nodes[0].cli(&["keys", "revoke", &id]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let revoked = Instant::now();
+    let mut refused_after = Vec::new();
+    for n in &nodes[1..] {
+        loop {
+            let (status, _, _) = call(n.addr, &key);
+            if status == 401 {
+                refused_after.push(revoked.elapsed());
+                break;
+            }
+            assert_eq!(status, 200, "node {}", n.name);
+            assert!(
+                revoked.elapsed() < Duration::from_secs(3),
+                "node {} still serves a revoked key",
+                n.name
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    for (n, after) in nodes[1..].iter().zip(&refused_after) {
+        assert!(
+            *after < Duration::from_secs(1),
+            "node {} refused the revoked key only after {after:?}",
+            n.name
+        );
+    }
+}
+
+/// Steady load from `threads` clients spread over `nodes` until `stop` is set.
+struct Load {
+    sent: Arc<AtomicU64>,
+    failures: Arc<Mutex<Vec<String>>>,
+    ids: Arc<Mutex<Vec<String>>>,
+    slowest: Arc<Mutex<Duration>>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(addrs: Vec<SocketAddr>, key: String, threads: usize, pause: Duration) -> Load {
+        let sent = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let ids = Arc::new(Mutex::new(Vec::new()));
+        let slowest = Arc::new(Mutex::new(Duration::ZERO));
+        let stop = Arc::new(AtomicBool::new(false));
+        let handles = (0..threads)
+            .map(|t| {
+                let (sent, failures, ids, slowest, stop, key, addrs) = (
+                    sent.clone(),
+                    failures.clone(),
+                    ids.clone(),
+                    slowest.clone(),
+                    stop.clone(),
+                    key.clone(),
+                    addrs.clone(),
+                );
+                std::thread::spawn(move || {
+                    let rt = rt();
+                    let mut i = t;
+                    while !stop.load(Ordering::Relaxed) {
+                        let addr = addrs[i % addrs.len()];
+                        i += 1;
+                        let t0 = Instant::now();
+                        let r = rt.block_on(http::post_json(
+                            addr,
+                            "/v1/chat/completions",
+                            Some(&key),
+                            &chat(),
+                            &[],
+                        ));
+                        let took = t0.elapsed();
+                        sent.fetch_add(1, Ordering::Relaxed);
+                        {
+                            let mut s = slowest.lock().unwrap();
+                            *s = (*s).max(took);
+                        }
+                        match r {
+                            Ok(r) if r.status == 200 => {
+                                ids.lock().unwrap().push(r.header("x-request-id").unwrap())
+                            }
+                            Ok(r) => failures.lock().unwrap().push(format!(
+                                "{addr}: {} {}",
+                                r.status,
+                                r.text()
+                            )),
+                            Err(e) => failures.lock().unwrap().push(format!("{addr}: {e}")),
+                        }
+                        std::thread::sleep(pause);
+                    }
+                })
+            })
+            .collect();
+        Load {
+            sent,
+            failures,
+            ids,
+            slowest,
+            stop,
+            threads: handles,
+        }
+    }
+
+    fn finish(self) -> (u64, Vec<String>, Vec<String>, Duration) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        let failures = self.failures.lock().unwrap().clone();
+        let ids = self.ids.lock().unwrap().clone();
+        let slowest = *self.slowest.lock().unwrap();
+        (self.sent.load(Ordering::Relaxed), failures, ids, slowest)
+    }
+}
+
+#[test]
+fn a_30_second_database_outage_under_load_loses_no_usage_row_and_fails_no_request() {
+    let pg = PgServer::start();
+    let mock = mock();
+    let dir = tempfile::tempdir().unwrap();
+    let shared = cluster_yaml(
+        &pg.url(),
+        &mock.base_url(),
+        "  pro: { requests_per_minute: 1000000 }",
+        "",
+    );
+    let nodes = three_nodes(dir.path(), &shared);
+    let (_, key) = create_key(&nodes[0], "pro");
+    // Every node has the key cached before the outage.
+    for n in &nodes {
+        let t = Instant::now();
+        while call(n.addr, &key).0 != 200 {
+            assert!(t.elapsed() < Duration::from_secs(3));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let warmup = 3;
+    let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();
+    let load = Load::start(addrs, key.clone(), 3, Duration::from_millis(20));
+    std::thread::sleep(Duration::from_secs(2));
+
+    pg.kill();
+    let outage = Instant::now();
+    // While the database is down: an unknown (well-formed) key is refused with 503,
+    // never let through, and rows pile up in the spools, not in memory.
+    std::thread::sleep(Duration::from_secs(2));
+    let unknown = ai4free::keys::generate().unwrap().key;
+    let (status, _, took) = call(nodes[1].addr, &unknown);
+    assert_eq!(status, 503, "unknown key during a database outage");
+    assert!(took < Duration::from_secs(4), "unknown key waited {took:?}");
+    let mut spooled = false;
+    while outage.elapsed() < Duration::from_secs(30) {
+        spooled |= nodes
+            .iter()
+            .any(|n| n.metric("ai4free_usage_spool_bytes") > 0.0);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(spooled, "no node spooled usage during the outage");
+    pg.start_again();
+    std::thread::sleep(Duration::from_secs(2));
+    let (sent, failures, ids, slowest) = load.finish();
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} requests failed, first: {:?}",
+        failures.len(),
+        failures.first()
+    );
+    // Cached keys never waited on the dead database.
+    assert!(
+        slowest < Duration::from_secs(1),
+        "slowest request {slowest:?}"
+    );
+    assert!(sent > 300, "only {sent} requests sent");
+    let expected: HashSet<&String> = ids.iter().collect();
+    assert_eq!(expected.len(), ids.len());
+
+    // Every row arrives, exactly once, once the spools are replayed.
+    let total = sent + warmup;
+    let t = Instant::now();
+    loop {
+        let counts = pg.psql("SELECT count(*) || ' ' || count(DISTINCT request_id) FROM usage");
+        if counts == format!("{total} {total}") {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(20) {
+            let stored: HashSet<String> = pg
+                .psql("SELECT request_id FROM usage")
+                .lines()
+                .map(str::to_string)
+                .collect();
+            let missing: Vec<&String> = ids.iter().filter(|id| !stored.contains(*id)).collect();
+            for n in &nodes {
+                eprintln!(
+                    "node {}: spool {} bytes, dropped {}, log:\n{}",
+                    n.name,
+                    n.metric("ai4free_usage_spool_bytes"),
+                    n.metric("ai4free_usage_records_dropped_total"),
+                    n.log_text()
+                );
+            }
+            panic!(
+                "usage rows after the outage: {counts} (count, distinct), expected {total}; missing {}: {:?}",
+                missing.len(),
+                &missing[..missing.len().min(10)]
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let stored: HashSet<String> = pg
+        .psql("SELECT request_id FROM usage")
+        .lines()
+        .map(str::to_string)
+        .collect();
+    for id in &ids {
+        assert!(stored.contains(id), "request {id} has no usage row");
+    }
+    for n in &nodes {
+        assert_eq!(
+            n.metric("ai4free_usage_records_dropped_total"),
+            0.0,
+            "{}",
+            n.name
+        );
+        let t = Instant::now();
+        while n.metric("ai4free_usage_spool_bytes") > 0.0 {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "{} spool not drained",
+                n.name
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
