@@ -461,6 +461,13 @@ impl Shared {
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
         load_script(&mut conn, &self.sha).await?;
+        // Learn Redis's clock now, so even the first calls carry a deadline.
+        let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await?;
+        let received = self.clock.local_us();
+        self.clock.observe(
+            secs.saturating_mul(1_000_000).saturating_add(micros),
+            received,
+        );
         Ok(conn)
     }
 

@@ -1,2 +1,3 @@
 pub mod gateway;
 pub mod http;
+pub mod redis;
