@@ -583,4 +583,23 @@ mod tests {
         assert_eq!(CallError::Stale.result(), CallResult::Timeout);
         assert_eq!(CallError::NotConnected.result(), CallResult::Error);
     }
+
+    #[test]
+    fn an_unusable_url_fails_start_without_showing_the_password() {
+        let settings = RedisSettings {
+            // This build has no TLS support in the Redis client.
+            url: "rediss://:hunter2@127.0.0.1:1".into(),
+            timeout: Duration::from_millis(20),
+            on_failure: OnFailure::LocalShare,
+            nodes: 1,
+        };
+        // Enabling the client's TLS feature would make this start (degraded).
+        let Err(e) = RedisLimiter::start(&settings, LocalLimiter::new(64)) else {
+            panic!("rediss:// needs the redis crate's TLS feature, which this build lacks")
+        };
+        let text = e.to_string();
+        assert!(text.starts_with("redis.url cannot be used"), "{text}");
+        assert!(text.contains("TLS"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+    }
 }
