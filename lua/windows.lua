@@ -31,6 +31,12 @@ if #ARGV ~= 1 + 3 * #KEYS then
   return redis.error_reply('ERR windows.lua: expected 1 + 3 arguments per key')
 end
 
+-- Redis < 5 replicates scripts verbatim and refuses writes after TIME unless told
+-- to replicate effects; later versions always do.
+if redis.replicate_commands then
+  redis.replicate_commands()
+end
+
 local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local now = math.floor(now_us / 1000)

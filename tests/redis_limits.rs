@@ -326,7 +326,7 @@ fn a_paused_redis_times_out_opens_the_breaker_and_follows_on_failure() {
             let t = Instant::now();
             let _ = n.check(&key, &hour9).await;
             assert!(
-                t.elapsed() < Duration::from_millis(TIMEOUT_MS / 2),
+                t.elapsed() < Duration::from_millis(TIMEOUT_MS),
                 "{:?}",
                 t.elapsed()
             );
@@ -533,7 +533,7 @@ fn gateway_with_redis_paused_says_degraded_follows_on_failure_and_recovers() {
     });
     let (_, key_deny) = gw_deny.create_key("free", &[], None);
     let (_, key_share) = gw_share.create_key("free", &[], None);
-    away_from_window_edge(MINUTE, 15_000);
+    away_from_window_edge(MINUTE, 5_000);
 
     // Healthy: Redis decides, nothing says degraded.
     let (r, _) = post(&gw_deny, &key_deny);

@@ -266,7 +266,13 @@ pub fn decide(states: &WindowStates) -> Option<Decision> {
 #[allow(clippy::large_enum_variant)]
 pub enum Limiter {
     /// Single node: every limit enforced by this node's counters.
-    Local(LocalLimiter),
+    Local {
+        /// The counters.
+        counters: LocalLimiter,
+        /// Wall time at start plus monotonic time since: windows never run
+        /// backwards when the system clock is stepped.
+        clock: clock::ClusterClock,
+    },
     /// Cluster-wide limits in Redis.
     Redis(redis::RedisLimiter),
 }
@@ -278,7 +284,10 @@ impl Limiter {
     pub fn from_config(config: &Config) -> Result<Arc<Limiter>, redis::StartError> {
         let local = LocalLimiter::for_tiers(config.tiers.values(), local::DEFAULT_SLOTS);
         Ok(Arc::new(match &config.redis {
-            None => Limiter::Local(local),
+            None => Limiter::Local {
+                counters: local,
+                clock: clock::ClusterClock::new(),
+            },
             Some(settings) => Limiter::Redis(redis::RedisLimiter::start(settings, local)?),
         }))
     }
@@ -287,8 +296,8 @@ impl Limiter {
     /// Waits at most `redis.timeout_ms`; never logs per request.
     pub async fn check(&self, key_id: &str, limits: &RequestLimits) -> Checked {
         match self {
-            Limiter::Local(l) => Checked {
-                decision: l.check(key_id, limits, clock::unix_ms()),
+            Limiter::Local { counters, clock } => Checked {
+                decision: counters.check(key_id, limits, clock.now_ms()),
                 degraded: false,
             },
             Limiter::Redis(r) => r.check(key_id, limits).await,
@@ -298,7 +307,7 @@ impl Limiter {
     /// Whether limits are currently decided without Redis (never, for a local limiter).
     pub fn is_degraded(&self) -> bool {
         match self {
-            Limiter::Local(_) => false,
+            Limiter::Local { .. } => false,
             Limiter::Redis(r) => r.is_degraded(),
         }
     }

@@ -531,6 +531,9 @@ async fn supervise(
             let connected = match result {
                 Ok(conn) => {
                     s.conn.store(Some(Arc::new(conn)));
+                    // Forget connect failures counted while closed; an open breaker
+                    // closes only on a probe within timeout_ms.
+                    s.report(|b| if b.is_open() { None } else { b.on_success() }, None);
                     backoff = MIN_BACKOFF;
                     log::debug!("connected to Redis");
                     true
