@@ -298,7 +298,7 @@ fn a_paused_redis_times_out_opens_the_breaker_and_follows_on_failure() {
     let deny = limiter(&redis, TIMEOUT_MS, OnFailure::Deny, 3);
     let nodes = [&share, &allow, &deny];
     let rt = runtime();
-    away_from_window_edge(HOUR, 30_000);
+    away_from_window_edge(HOUR, 10_000);
     let key = fresh_key("paused");
     let hour9 = limits(Window::Hour, 9);
     // Healthy: one request per node counted in Redis (and each clock synced).
@@ -392,7 +392,7 @@ fn redis_down_at_start_then_killed_and_restarted() {
         l.is_degraded()
     });
     let rt = runtime();
-    away_from_window_edge(HOUR, 30_000);
+    away_from_window_edge(HOUR, 10_000);
     let key = fresh_key("down");
     let hour = limits(Window::Hour, 100);
     let c = rt.block_on(l.check(&key, &hour));
