@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use ai4free::keys::cache::KeyCache;
 use ai4free::keys::KeyRecord;
-use ai4free::limits::LocalLimiter;
+use ai4free::limits::{LocalLimiter, RequestLimits};
 use ai4free::proxy::request::parse_head;
 use ai4free::store::sqlite::SqliteStore;
 use ai4free::store::Store;
@@ -109,12 +109,14 @@ fn limiter(c: &mut Criterion) {
     let mut group = c.benchmark_group("limiter/check_requests");
     for n_keys in [1usize, 10_000] {
         let limiter = LocalLimiter::default();
+        let limits = RequestLimits([None, Some(1_000_000), None, None]);
+        let now = ai4free::limits::clock::unix_ms();
         let ids: Vec<String> = (0..n_keys).map(|i| format!("key{i:09}")).collect();
         let mut i = 0;
         group.bench_function(BenchmarkId::from_parameter(format!("{n_keys}_keys")), |b| {
             b.iter(|| {
                 i = (i + 1) % ids.len();
-                limiter.check_requests(black_box(&ids[i]), Some(1_000_000))
+                limiter.check(black_box(&ids[i]), &limits, now)
             })
         });
     }

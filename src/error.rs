@@ -18,6 +18,8 @@ pub enum ProxyError {
     KeyStoreUnavailable,
     /// 429: a limit was hit (the limit's name).
     RateLimited(&'static str),
+    /// 503: Redis cannot decide the limits and `redis.on_failure` is `deny`.
+    RateLimiterUnavailable,
     /// 413: the body is larger than `max_body_bytes`.
     PayloadTooLarge(usize),
     /// 400: the body is empty.
@@ -63,6 +65,7 @@ impl ProxyError {
             ProxyError::Auth(_) => 401,
             ProxyError::KeyStoreUnavailable => 503,
             ProxyError::RateLimited(_) => 429,
+            ProxyError::RateLimiterUnavailable => 503,
             ProxyError::PayloadTooLarge(_) => 413,
             ProxyError::EmptyBody
             | ProxyError::InvalidJson(_)
@@ -82,6 +85,7 @@ impl ProxyError {
         match self {
             ProxyError::RateLimited(_) => "requests",
             ProxyError::KeyStoreUnavailable
+            | ProxyError::RateLimiterUnavailable
             | ProxyError::UpstreamUnreachable
             | ProxyError::UpstreamTimeout
             | ProxyError::Internal => "api_error",
@@ -98,6 +102,7 @@ impl ProxyError {
             ProxyError::Auth(_) => "invalid_api_key",
             ProxyError::KeyStoreUnavailable => "key_store_unavailable",
             ProxyError::RateLimited(_) => "rate_limit_exceeded",
+            ProxyError::RateLimiterUnavailable => "rate_limiter_unavailable",
             ProxyError::PayloadTooLarge(_) => "request_too_large",
             ProxyError::EmptyBody => "empty_body",
             ProxyError::InvalidJson(_) => "invalid_json",
@@ -134,6 +139,7 @@ impl ProxyError {
             ProxyError::Auth(AuthError::Expired) => "This API key has expired.".into(),
             ProxyError::KeyStoreUnavailable => "The key store is unavailable; please retry.".into(),
             ProxyError::RateLimited(limit) => format!("Rate limit reached: {limit}. Retry after the time given in the retry-after header."),
+            ProxyError::RateLimiterUnavailable => "The rate limiter is unavailable, so this request cannot be admitted; please retry.".into(),
             ProxyError::PayloadTooLarge(max) => format!("Request body too large: the limit is {max} bytes."),
             ProxyError::EmptyBody => "The request body is empty; a JSON object is required.".into(),
             ProxyError::InvalidJson(e) => format!("We could not parse the JSON body of your request: {}.", clip(e)),
@@ -188,6 +194,19 @@ mod tests {
         let long = "é".repeat(500);
         let m = ProxyError::ModelNotFound(long).message();
         assert!(m.len() < 300);
+    }
+
+    #[test]
+    fn rate_limiter_unavailable_is_a_503_api_error() {
+        let e = ProxyError::RateLimiterUnavailable;
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(e.status(), 503);
+        assert_eq!(v["error"]["type"], "api_error");
+        assert_eq!(v["error"]["code"], "rate_limiter_unavailable");
+        assert!(v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("rate limiter is unavailable"));
     }
 
     #[test]

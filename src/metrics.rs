@@ -189,6 +189,41 @@ pub static USAGE_FLUSH_SECONDS: Lazy<Histogram> = Lazy::new(|| {
     )
 });
 
+const REDIS_LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+/// Redis limiter calls by result: `ok` (admitted, or a probe succeeded), `denied`,
+/// `error` (error reply, no connection, bad reply), `timeout` (no answer within
+/// `redis.timeout_ms`, or the script ran after the deadline), and two that make no
+/// round trip: `short_circuit` (breaker open) and `shielded` (refused by the local
+/// shield).
+pub static REDIS_CALLS: Lazy<IntCounterVec> = Lazy::new(|| {
+    counter_vec(
+        "ai4free_redis_calls_total",
+        "Redis rate-limit calls by result (ok, denied, error, timeout; short_circuit and shielded make no call)",
+        &["result"],
+    )
+});
+
+/// Time of each Redis round trip (timeouts included, at the timeout).
+pub static REDIS_LATENCY: Lazy<Histogram> = Lazy::new(|| {
+    histogram(
+        "ai4free_redis_latency_seconds",
+        "Time of each Redis rate-limit round trip",
+        REDIS_LATENCY_BUCKETS.to_vec(),
+    )
+});
+
+/// 1 while rate limits are decided without Redis (`redis.on_failure`), else 0.
+/// Strictly: how many limiters in this process are degraded (one per gateway).
+pub static RATELIMIT_DEGRADED: Lazy<IntGauge> = Lazy::new(|| {
+    gauge(
+        "ai4free_ratelimit_degraded",
+        "1 while rate limits are decided without Redis (redis.on_failure), else 0",
+    )
+});
+
 /// Forces registration of every metric so `/metrics` lists them from the start.
 pub fn init() {
     Lazy::force(&REQUESTS);
@@ -207,9 +242,17 @@ pub fn init() {
     Lazy::force(&USAGE_RECORDS_WRITTEN);
     Lazy::force(&USAGE_WRITE_ERRORS);
     Lazy::force(&USAGE_FLUSH_SECONDS);
+    Lazy::force(&REDIS_CALLS);
+    Lazy::force(&REDIS_LATENCY);
+    Lazy::force(&RATELIMIT_DEGRADED);
     // Label sets known up front are exported at zero, so dashboards and alerts see
     // the series before the first event.
-    RATE_LIMITED.with_label_values(&["requests_per_minute"]);
+    for w in crate::limits::Window::ALL {
+        RATE_LIMITED.with_label_values(&[w.limit_name()]);
+    }
+    for r in crate::limits::redis::CallResult::ALL {
+        REDIS_CALLS.with_label_values(&[r.as_str()]);
+    }
     for reason in [
         "missing",
         "malformed",
@@ -243,6 +286,9 @@ mod tests {
             "ai4free_usage_write_errors_total",
             "ai4free_request_duration_seconds",
             "ai4free_time_to_first_token_seconds",
+            "ai4free_redis_calls_total",
+            "ai4free_redis_latency_seconds",
+            "ai4free_ratelimit_degraded",
         ] {
             assert!(names.iter().any(|x| x == n), "{n} missing: {names:?}");
         }

@@ -16,6 +16,7 @@ use pingora::services::background::{background_service, BackgroundService};
 
 use crate::config::Config;
 use crate::keys::cache::{KeyCache, KeyRefresher};
+use crate::limits::{self, Limiter};
 use crate::proxy::{Gateway, Upstream};
 use crate::store::{self, Store, StoreError};
 use crate::usage::writer::WriterStats;
@@ -34,6 +35,8 @@ pub enum StartError {
     Io(#[from] std::io::Error),
     #[error("cannot start the usage writer: {0}")]
     Spool(#[from] crate::usage::spool::SpoolError),
+    #[error("rate limiter: {0}")]
+    Limiter(#[from] limits::redis::StartError),
 }
 
 /// Everything initialised before the server listens.
@@ -46,6 +49,8 @@ pub struct App {
     pub keys: Arc<KeyCache>,
     /// Providers, resolved.
     pub upstreams: Arc<Vec<Upstream>>,
+    /// Request limiter (connected to Redis in the background when configured).
+    pub limiter: Arc<Limiter>,
 }
 
 impl App {
@@ -75,11 +80,14 @@ impl App {
                 }
             }
         }
+        // Redis being down does not stop start-up: the limiter starts degraded.
+        let limiter = Limiter::from_config(&config)?;
         Ok(App {
             config: Arc::new(config),
             store,
             keys,
             upstreams,
+            limiter,
         })
     }
 }
@@ -193,6 +201,7 @@ pub fn serve(
         app.keys.clone(),
         sink,
         app.upstreams.clone(),
+        app.limiter.clone(),
     );
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,

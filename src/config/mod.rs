@@ -49,6 +49,8 @@ pub struct Config {
     pub usage: UsageSettings,
     /// API key cache settings (`keys`).
     pub keys: KeySettings,
+    /// Cluster-wide limits in Redis (`redis`); `None` = single-node local limits.
+    pub redis: Option<RedisSettings>,
     /// Capabilities switched off for benchmark ablations (`bench_ablate`).
     pub ablate: Ablations,
     /// Built once at load so request-path lookups are a hash probe.
@@ -334,6 +336,55 @@ pub struct KeySettings {
     pub negative_cache: Duration,
 }
 
+/// Cluster-wide limits in Redis (`redis`), shared by every gateway node.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisSettings {
+    /// `redis://` or `rediss://` URL (may contain a password; Debug redacts it).
+    pub url: String,
+    /// The longest a request waits for Redis, 1..=5000 ms (default 20 ms).
+    pub timeout: Duration,
+    /// What the limiter does while Redis cannot answer (default `local_share`).
+    pub on_failure: OnFailure,
+    /// How many gateway nodes share the limits, at least 1 (default 1); `local_share`
+    /// gives each node `ceil(limit / nodes)`.
+    pub nodes: u32,
+}
+
+// Manual Debug because the URL may carry a password and Config gets logged.
+impl fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("url", &values::redact_url_password(&self.url))
+            .field("timeout", &self.timeout)
+            .field("on_failure", &self.on_failure)
+            .field("nodes", &self.nodes)
+            .finish()
+    }
+}
+
+/// The limiter's behaviour while Redis is unavailable (`redis.on_failure`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnFailure {
+    /// Each node enforces `ceil(limit / nodes)` (at least 1) with its local estimator.
+    #[default]
+    LocalShare,
+    /// Admit every request (fail open).
+    Allow,
+    /// Refuse every limited request with 503 (fail closed).
+    Deny,
+}
+
+impl OnFailure {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnFailure::LocalShare => "local_share",
+            OnFailure::Allow => "allow",
+            OnFailure::Deny => "deny",
+        }
+    }
+}
+
 /// Every problem found in a configuration, in document order.
 #[derive(Debug)]
 pub struct ConfigErrors(pub Vec<ConfigError>);
@@ -416,10 +467,7 @@ impl Config {
     pub fn unenforced_limits(&self) -> Vec<ConfigError> {
         let mut out = Vec::new();
         for (name, t) in &self.tiers {
-            let set: [(&str, bool); 10] = [
-                ("requests_per_second", t.requests_per_second.is_some()),
-                ("requests_per_hour", t.requests_per_hour.is_some()),
-                ("requests_per_day", t.requests_per_day.is_some()),
+            let set: [(&str, bool); 7] = [
                 ("tokens_per_minute", t.tokens_per_minute.is_some()),
                 ("tokens_per_day", t.tokens_per_day.is_some()),
                 ("max_concurrent", t.max_concurrent.is_some()),
@@ -432,7 +480,7 @@ impl Config {
                 if present {
                     out.push(ConfigError {
                         path: format!("tiers.{name}.{key}"),
-                        message: "not enforced by this version yet (only requests_per_minute is); remove it".into(),
+                        message: "not enforced by this version yet (only the requests_per_* limits are); remove it".into(),
                     });
                 }
             }

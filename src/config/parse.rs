@@ -11,8 +11,8 @@ use serde_yaml_ng::Value;
 use super::reader::{child, describe, item, Fields, Reader};
 use super::{
     values, Ablations, BaseUrl, Config, ConfigError, ConfigErrors, KeySettings, Model, ModelIndex,
-    Price, Provider, ServerSettings, Storage, Tier, Tokenizer, UpstreamTimeouts, UsageSettings,
-    UsdAmount,
+    OnFailure, Price, Provider, RedisSettings, ServerSettings, Storage, Tier, Tokenizer,
+    UpstreamTimeouts, UsageSettings, UsdAmount,
 };
 
 const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
@@ -41,6 +41,7 @@ const TOP_KEYS: &[&str] = &[
     "usage",
     "keys",
     "bench_ablate",
+    "redis",
 ];
 const PROVIDER_KEYS: &[&str] = &[
     "name",
@@ -91,6 +92,7 @@ const USAGE_KEYS: &[&str] = &[
     "spool_fsync_interval_ms",
 ];
 const KEYS_KEYS: &[&str] = &["refresh_interval_ms", "negative_cache_ms"];
+const REDIS_KEYS: &[&str] = &["url", "timeout_ms", "on_failure", "nodes"];
 
 /// Upper bound for millisecond settings (one day): larger is surely a unit mistake.
 const MAX_MS: u64 = 24 * 60 * 60 * 1000;
@@ -168,6 +170,7 @@ fn read_root(r: &mut Reader, root: &Value) -> Option<Config> {
     let usage = read_usage(r, &f);
     let keys = read_keys(r, &f);
     let ablate = read_ablate(r, &f);
+    let redis = read_redis(r, &f);
 
     let index = ModelIndex::build(&providers);
     Some(Config {
@@ -181,6 +184,7 @@ fn read_root(r: &mut Reader, root: &Value) -> Option<Config> {
         server,
         usage,
         keys,
+        redis,
         ablate,
         index,
     })
@@ -624,4 +628,37 @@ fn read_keys(r: &mut Reader, f: &Fields<'_>) -> KeySettings {
         // Long negative caching would delay newly created keys; a minute is plenty.
         negative_cache: ms_or(r, s, "negative_cache_ms", 1_000, 0, 60_000),
     }
+}
+
+fn read_redis(r: &mut Reader, f: &Fields<'_>) -> Option<RedisSettings> {
+    let s = section(r, f, "redis", REDIS_KEYS)?;
+    let url = r.req_string(&s, "url").and_then(|u| {
+        values::check_redis_url(&u)
+            .map_err(|e| r.error(&s.path("url"), e))
+            .ok()
+            .map(|()| u)
+    });
+    // A request waits at most this long for Redis, so keep it well under any
+    // client timeout; over 5 s is surely a unit mistake.
+    let timeout = ms_or(r, Some(&s), "timeout_ms", 20, 1, 5_000);
+    let on_failure = match r.opt_string(&s, "on_failure").as_deref() {
+        None => OnFailure::default(),
+        Some("local_share") => OnFailure::LocalShare,
+        Some("allow") => OnFailure::Allow,
+        Some("deny") => OnFailure::Deny,
+        Some(other) => {
+            r.error(
+                &s.path("on_failure"),
+                format!("expected one of: local_share, allow, deny, got {other:?}"),
+            );
+            OnFailure::default()
+        }
+    };
+    let nodes = to_u32(r.uint_or(&s, "nodes", 1, 1, 10_000));
+    Some(RedisSettings {
+        url: url?,
+        timeout,
+        on_failure,
+        nodes,
+    })
 }

@@ -161,6 +161,12 @@ fn unenforced_limits_are_named_with_their_path() {
         .collect();
     assert_eq!(errs.len(), 2);
     assert!(errs[0].starts_with("tiers.pro.tokens_per_minute: not enforced"));
+    // Every request window is enforced, locally and in Redis.
+    let c = Config::from_yaml_str(
+        "providers:\n  - name: p\n    base_url: http://127.0.0.1:1/v1\n    models:\n      - name: m\ntiers:\n  pro: {requests_per_second: 1, requests_per_minute: 2, requests_per_hour: 3, requests_per_day: 4}\n",
+    )
+    .unwrap();
+    assert!(c.unenforced_limits().is_empty());
     assert!(errs[1].starts_with("tiers.pro.enforce_mid_stream: not enforced"));
 }
 
@@ -340,7 +346,7 @@ keys:
     let got = errors(text);
     // Unknown keys of a map are reported first, then its fields in schema order.
     let expected = [
-        "bogus: unknown key (expected one of: listen, metrics_listen, storage, max_body_bytes, providers, tiers, upstream, server, usage, keys, bench_ablate)",
+        "bogus: unknown key (expected one of: listen, metrics_listen, storage, max_body_bytes, providers, tiers, upstream, server, usage, keys, bench_ablate, redis)",
         "listen: expected an IP:port address like \"127.0.0.1:8080\" or \"[::1]:8080\", got \"localhost\"",
         "storage: expected sqlite://<path>, sqlite::memory:, postgres://... or postgresql://..., got \"mysql://x\"",
         "max_body_bytes: must be between 1024 and 1073741824, got 10",
@@ -793,4 +799,81 @@ fn bench_ablations_parse_and_reject_unknown_names() {
             .starts_with("bench_ablate[1]: unknown capability \"cache\""),
         "{e}"
     );
+}
+
+#[test]
+fn redis_section_is_optional_and_has_defaults() {
+    assert_eq!(parse(MINIMAL).redis, None);
+    assert_eq!(with_top("redis: null\n").unwrap().redis, None);
+    let c = with_top("redis: { url: \"redis://127.0.0.1:6379\" }\n").unwrap();
+    assert_eq!(
+        c.redis,
+        Some(RedisSettings {
+            url: "redis://127.0.0.1:6379".into(),
+            timeout: Duration::from_millis(20),
+            on_failure: OnFailure::LocalShare,
+            nodes: 1,
+        })
+    );
+    let c = with_top(
+        "redis: { url: \"rediss://:pw@cache.internal:6380/2\", timeout_ms: 5000, on_failure: deny, nodes: 3 }\n",
+    )
+    .unwrap();
+    let r = c.redis.unwrap();
+    assert_eq!(r.url, "rediss://:pw@cache.internal:6380/2");
+    assert_eq!(r.timeout, Duration::from_secs(5));
+    assert_eq!(r.on_failure, OnFailure::Deny);
+    assert_eq!(r.nodes, 3);
+    for (text, mode) in [
+        ("allow", OnFailure::Allow),
+        ("local_share", OnFailure::LocalShare),
+    ] {
+        let c = with_top(&format!(
+            "redis: {{ url: \"redis://h\", on_failure: {text} }}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.redis.unwrap().on_failure, mode);
+        assert_eq!(mode.as_str(), text);
+    }
+}
+
+#[test]
+fn redis_errors_name_their_path_and_hide_the_password() {
+    let got = errors(&format!(
+        "{MINIMAL}redis: {{ url: \"mysql://u:hunter2@h\", timeout_ms: 0, on_failure: sometimes, nodes: 0, pool: 4 }}\n"
+    ));
+    assert_eq!(
+        got,
+        [
+            "redis.pool: unknown key (expected one of: url, timeout_ms, on_failure, nodes)",
+            "redis.url: expected a redis:// or rediss:// URL such as redis://127.0.0.1:6379, got \"mysql://u:***@h\"",
+            "redis.timeout_ms: expected a positive integer, got 0",
+            "redis.on_failure: expected one of: local_share, allow, deny, got \"sometimes\"",
+            "redis.nodes: expected a positive integer, got 0",
+        ]
+    );
+    let got = errors(&format!("{MINIMAL}redis: {{ timeout_ms: 5001 }}\n"));
+    assert_eq!(
+        got,
+        [
+            "redis.url: required key is missing",
+            "redis.timeout_ms: must be at most 5000, got 5001",
+        ]
+    );
+    for bad in ["redis://", "redis://:secret@", "redis://h st", "redis"] {
+        let got = errors(&format!("{MINIMAL}redis: {{ url: \"{bad}\" }}\n"));
+        assert_eq!(got.len(), 1, "{bad}: {got:?}");
+        assert!(got[0].starts_with("redis.url: "), "{got:?}");
+        assert!(!got[0].contains("secret"), "{got:?}");
+    }
+    let got = errors(&format!("{MINIMAL}redis: 5\n"));
+    assert_eq!(got, ["redis: expected a map, got 5"]);
+}
+
+#[test]
+fn redis_debug_output_redacts_the_password() {
+    let c = with_top("redis: { url: \"redis://user:hunter2@h:6379/0\" }\n").unwrap();
+    let debug = format!("{c:?}");
+    assert!(!debug.contains("hunter2"), "{debug}");
+    assert!(debug.contains("redis://user:***@h:6379/0"), "{debug}");
 }

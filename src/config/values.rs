@@ -209,6 +209,38 @@ pub(super) fn parse_storage(text: &str) -> Result<Storage, String> {
     ))
 }
 
+/// Validates a `redis://` or `rediss://` URL; the URL is handed to the Redis client
+/// verbatim. Errors never repeat the password.
+pub(super) fn check_redis_url(text: &str) -> Result<(), String> {
+    let shown = redact_url_password(text);
+    let Some(rest) = ["redis://", "rediss://"]
+        .iter()
+        .find_map(|scheme| text.strip_prefix(scheme))
+    else {
+        return Err(format!(
+            "expected a redis:// or rediss:// URL such as redis://127.0.0.1:6379, got {shown:?}"
+        ));
+    };
+    if text
+        .bytes()
+        .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+    {
+        return Err("must not contain whitespace or control characters".to_owned());
+    }
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = match host_port.strip_prefix('[') {
+        Some(v6) => v6.split_once(']').map_or("", |(h, _)| h),
+        None => host_port.split_once(':').map_or(host_port, |(h, _)| h),
+    };
+    if host.is_empty() {
+        return Err(format!(
+            "needs a host, e.g. redis://127.0.0.1:6379, got {shown:?}"
+        ));
+    }
+    Ok(())
+}
+
 /// Replaces the password in `scheme://user:password@host...` with `***`.
 pub(super) fn redact_url_password(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {

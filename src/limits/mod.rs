@@ -1,28 +1,198 @@
-//! Tier limits, decided locally with pingora-limits.
+//! Tier request limits: the pure window math and decisions, the per-node counters,
+//! and the cluster-wide limiter in Redis behind one facade, [`Limiter`].
 //!
-//! Flow: `request_filter` asks [`LocalLimiter::check_requests`] for the key's
-//! requests-per-minute decision before reading the body. The limiter counts the
-//! request in a pingora-limits [`Rate`] (a count-min sketch over two alternating
-//! fixed windows) and the pure [`decide`] turns the window count into an
-//! allow/deny [`Decision`] with OpenAI's `x-ratelimit-*` header values.
+//! # Flow
+//! `request_filter` calls [`Limiter::check`] once per proxied request, before the body
+//! is read, with the key's [`RequestLimits`] (requests per second, minute, hour, day).
 //!
-//! # Error bounds
-//! - The sketch only over-estimates: with more active keys than it has slots, a key
-//!   can be refused slightly early, never late. The sketch is sized by
-//!   `LocalLimiter::new(slots)`; 65,536 slots keep the error at zero for thousands
-//!   of active keys (see the pingora notes' accuracy table).
-//! - Windows are fixed and anchored to the limiter's first use, not to wall-clock
-//!   minutes, so a client can burst up to twice its limit across a window boundary.
-//! - Refused requests count too: a client that keeps hammering stays refused until
-//!   the window turns, as with OpenAI.
+//! - **No `redis:` section** ([`Limiter::Local`]): [`LocalLimiter`] counts the request in
+//!   every window of the key, all or nothing, and [`decide`] turns the window states
+//!   into an allow/deny [`Decision`].
+//! - **With Redis** ([`Limiter::Redis`], see [`redis`]): the local counters first act as
+//!   a shield (a key this node knows to be over a limit is refused with no round trip);
+//!   then one Lua script call (`lua/windows.lua`) checks and counts every window
+//!   atomically in Redis, with Redis's clock. When Redis cannot answer within
+//!   `redis.timeout_ms`, or the circuit breaker ([`breaker`]) is open, the decision
+//!   follows `redis.on_failure` and is marked degraded.
+//!
+//! # Windows
+//! Fixed windows aligned to the Unix epoch (a minute window starts at every whole
+//! UTC minute), so every node and Redis agree on where a window starts. A client
+//! can therefore send up to twice a limit across one window boundary, as with any
+//! fixed window. A refused request counts in no window (all or nothing), so a
+//! client that keeps retrying is admitted again as soon as the window turns.
+//!
+//! # Headers
+//! `x-ratelimit-{limit,remaining,reset}-requests` report one binding window: for an
+//! admitted request the one with the least remaining (ties → the shortest period);
+//! for a refusal the refused window that resets last (ties → the shortest period),
+//! so `retry-after` never sends a client back before it can succeed.
 
+pub mod breaker;
+pub mod clock;
+pub mod local;
+pub mod redis;
+pub mod script;
+
+use std::sync::Arc;
 use std::time::Duration;
 
-use pingora_limits::rate::Rate;
+pub use local::LocalLimiter;
+
+use crate::config::{Config, Tier};
+
+/// A fixed request window, aligned to the Unix epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Window {
+    /// `requests_per_second`.
+    Second,
+    /// `requests_per_minute`.
+    Minute,
+    /// `requests_per_hour`.
+    Hour,
+    /// `requests_per_day` (UTC days).
+    Day,
+}
+
+/// Number of request windows.
+pub const WINDOWS: usize = 4;
+
+impl Window {
+    /// Every window, shortest first (the index order of [`RequestLimits`]).
+    pub const ALL: [Window; WINDOWS] = [Window::Second, Window::Minute, Window::Hour, Window::Day];
+
+    /// Length in milliseconds.
+    pub const fn period_ms(self) -> u64 {
+        match self {
+            Window::Second => 1_000,
+            Window::Minute => 60_000,
+            Window::Hour => 3_600_000,
+            Window::Day => 86_400_000,
+        }
+    }
+
+    /// Position in [`Window::ALL`].
+    pub const fn index(self) -> usize {
+        match self {
+            Window::Second => 0,
+            Window::Minute => 1,
+            Window::Hour => 2,
+            Window::Day => 3,
+        }
+    }
+
+    /// The config key, also the `limit` label of `ai4free_rate_limited_total`.
+    pub const fn limit_name(self) -> &'static str {
+        match self {
+            Window::Second => "requests_per_second",
+            Window::Minute => "requests_per_minute",
+            Window::Hour => "requests_per_hour",
+            Window::Day => "requests_per_day",
+        }
+    }
+
+    /// The limit in words, for the 429 message.
+    pub const fn describe(self) -> &'static str {
+        match self {
+            Window::Second => "requests per second",
+            Window::Minute => "requests per minute",
+            Window::Hour => "requests per hour",
+            Window::Day => "requests per day",
+        }
+    }
+
+    /// The period as it appears in Redis key names (`1s`, `1m`, `1h`, `1d`).
+    pub const fn key_suffix(self) -> &'static str {
+        match self {
+            Window::Second => "1s",
+            Window::Minute => "1m",
+            Window::Hour => "1h",
+            Window::Day => "1d",
+        }
+    }
+}
+
+/// Start (Unix ms) of the window of length `period_ms` that contains `now_ms`.
+pub const fn window_start(now_ms: u64, period_ms: u64) -> u64 {
+    now_ms - now_ms % period_ms
+}
+
+/// Time from `now_ms` until the window that started at `start_ms` ends.
+pub fn window_reset(now_ms: u64, start_ms: u64, period_ms: u64) -> Duration {
+    Duration::from_millis((start_ms + period_ms).saturating_sub(now_ms))
+}
+
+/// A key's request limits, one per window (`None` = unlimited), in [`Window::ALL`] order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RequestLimits(pub [Option<u64>; WINDOWS]);
+
+impl RequestLimits {
+    /// The tier's `requests_per_*` limits.
+    pub fn from_tier(t: &Tier) -> RequestLimits {
+        let l = |v: Option<u32>| v.map(u64::from);
+        RequestLimits([
+            l(t.requests_per_second),
+            l(t.requests_per_minute),
+            l(t.requests_per_hour),
+            l(t.requests_per_day),
+        ])
+    }
+
+    /// The limit of window `w`.
+    pub fn get(&self, w: Window) -> Option<u64> {
+        self.0[w.index()]
+    }
+
+    /// Whether no window is limited.
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(Option::is_none)
+    }
+
+    /// How many windows are limited.
+    pub fn len(&self) -> usize {
+        self.0.iter().flatten().count()
+    }
+
+    /// The limited windows and their limits, shortest window first.
+    pub fn iter(&self) -> impl Iterator<Item = (Window, u64)> + Clone + '_ {
+        Window::ALL
+            .iter()
+            .zip(self.0.iter())
+            .filter_map(|(w, l)| l.map(|l| (*w, l)))
+    }
+
+    /// Each node's share when `nodes` nodes split the limits without coordination:
+    /// `ceil(limit / nodes)`, at least 1, so the cluster total stays within
+    /// `limit + nodes - 1` and no key is locked out entirely.
+    pub fn shared(&self, nodes: u32) -> RequestLimits {
+        let nodes = u64::from(nodes.max(1));
+        RequestLimits(self.0.map(|l| l.map(|l| l.div_ceil(nodes).max(1))))
+    }
+}
+
+/// One window's state after a check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowState {
+    /// Which window.
+    pub window: Window,
+    /// Its limit.
+    pub limit: u64,
+    /// Requests counted in the current window (this one included when admitted).
+    pub used: u64,
+    /// Time until the window resets.
+    pub reset: Duration,
+    /// This window refused the request.
+    pub refused: bool,
+}
+
+/// Window states indexed by [`Window::index`]; `None` for unlimited windows.
+pub type WindowStates = [Option<WindowState>; WINDOWS];
 
 /// The values behind the `x-ratelimit-*-requests` headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateInfo {
+    /// The binding window.
+    pub window: Window,
     /// The limit for the window.
     pub limit: u64,
     /// Requests left in the current window.
@@ -37,69 +207,109 @@ pub struct RateInfo {
 pub enum Decision {
     /// Go ahead.
     Allow(RateInfo),
-    /// Refuse with 429; `RateInfo::reset` is the retry-after.
+    /// Refuse with 429, naming `RateInfo::window`; `RateInfo::reset` is the retry-after.
     Deny(RateInfo),
+    /// Refuse with 503: Redis is unavailable and `on_failure: deny`.
+    Unavailable,
 }
 
 impl Decision {
-    /// The header values, whichever way the decision went.
-    pub fn info(&self) -> &RateInfo {
+    /// The header values, whichever way the decision went (none when unavailable).
+    pub fn info(&self) -> Option<&RateInfo> {
         match self {
-            Decision::Allow(i) | Decision::Deny(i) => i,
+            Decision::Allow(i) | Decision::Deny(i) => Some(i),
+            Decision::Unavailable => None,
         }
     }
 }
 
-/// Pure decision from a window count (this request included).
-pub fn decide(count: u64, limit: u64, window: Duration, window_fraction: f64) -> Decision {
-    let frac = if window_fraction.is_finite() {
-        window_fraction.clamp(0.0, 1.0)
-    } else {
-        0.0
+/// What [`Limiter::check`] found.
+#[must_use]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checked {
+    /// `None` when the key has no request limit.
+    pub decision: Option<Decision>,
+    /// Decided without Redis (or Redis is unavailable): the response says so.
+    pub degraded: bool,
+}
+
+/// Pure decision over a key's window states; `None` when no window is limited.
+pub fn decide(states: &WindowStates) -> Option<Decision> {
+    let info = |s: &WindowState| RateInfo {
+        window: s.window,
+        limit: s.limit,
+        remaining: s.limit.saturating_sub(s.used),
+        reset: s.reset,
     };
-    let reset = window.mul_f64(1.0 - frac);
-    let info = RateInfo {
-        limit,
-        remaining: limit.saturating_sub(count),
-        reset,
-    };
-    if count > limit {
-        Decision::Deny(info)
-    } else {
-        Decision::Allow(info)
+    // States are shortest window first, so keeping the first of equals is the
+    // "ties → shortest period" rule.
+    let mut refused: Option<&WindowState> = None;
+    let mut tightest: Option<&WindowState> = None;
+    for s in states.iter().flatten() {
+        if s.refused && refused.is_none_or(|r| s.reset > r.reset) {
+            refused = Some(s);
+        }
+        let remaining = s.limit.saturating_sub(s.used);
+        if tightest.is_none_or(|t| remaining < t.limit.saturating_sub(t.used)) {
+            tightest = Some(s);
+        }
+    }
+    match (refused, tightest) {
+        (Some(r), _) => Some(Decision::Deny(info(r))),
+        (None, Some(t)) => Some(Decision::Allow(info(t))),
+        (None, None) => None,
     }
 }
 
-/// Per-node request limiter.
-pub struct LocalLimiter {
-    per_minute: Rate,
+/// The gateway's limiter: local counters only, or Redis with local fallbacks.
+// One per process, behind an Arc: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+pub enum Limiter {
+    /// Single node: every limit enforced by this node's counters.
+    Local {
+        /// The counters.
+        counters: LocalLimiter,
+        /// Wall time at start plus monotonic time since: windows never run
+        /// backwards when the system clock is stepped.
+        clock: clock::ClusterClock,
+    },
+    /// Cluster-wide limits in Redis.
+    Redis(redis::RedisLimiter),
 }
 
-const MINUTE: Duration = Duration::from_secs(60);
+impl Limiter {
+    /// The limiter `config` asks for. With Redis this returns at once (after at most
+    /// a short wait for the first connection); a Redis that is down only makes the
+    /// limiter start degraded. Fails only on a URL the client cannot use.
+    pub fn from_config(config: &Config) -> Result<Arc<Limiter>, redis::StartError> {
+        let local = LocalLimiter::for_tiers(config.tiers.values(), local::DEFAULT_SLOTS);
+        Ok(Arc::new(match &config.redis {
+            None => Limiter::Local {
+                counters: local,
+                clock: clock::ClusterClock::new(),
+            },
+            Some(settings) => Limiter::Redis(redis::RedisLimiter::start(settings, local)?),
+        }))
+    }
 
-impl LocalLimiter {
-    /// A limiter whose sketch has `slots` counters per hash row (4 rows).
-    pub fn new(slots: usize) -> LocalLimiter {
-        LocalLimiter {
-            per_minute: Rate::new_with_estimator_config(MINUTE, 4, slots.max(64)),
+    /// Checks (and, when admitted, counts) one request of `key_id` against `limits`.
+    /// Waits at most `redis.timeout_ms`; never logs per request.
+    pub async fn check(&self, key_id: &str, limits: &RequestLimits) -> Checked {
+        match self {
+            Limiter::Local { counters, clock } => Checked {
+                decision: counters.check(key_id, limits, clock.now_ms()),
+                degraded: false,
+            },
+            Limiter::Redis(r) => r.check(key_id, limits).await,
         }
     }
 
-    /// Counts one request for `key_id` and decides against `limit` per minute.
-    /// `None` when the key's tier sets no per-minute limit.
-    pub fn check_requests(&self, key_id: &str, limit: Option<u32>) -> Option<Decision> {
-        let limit = limit? as u64;
-        let count = self.per_minute.observe(&key_id, 1).max(0) as u64;
-        let frac = self
-            .per_minute
-            .rate_with(&key_id, |c| c.current_interval_fraction);
-        Some(decide(count, limit, MINUTE, frac))
-    }
-}
-
-impl Default for LocalLimiter {
-    fn default() -> Self {
-        LocalLimiter::new(65_536)
+    /// Whether limits are currently decided without Redis (never, for a local limiter).
+    pub fn is_degraded(&self) -> bool {
+        match self {
+            Limiter::Local { .. } => false,
+            Limiter::Redis(r) => r.is_degraded(),
+        }
     }
 }
 
@@ -131,39 +341,107 @@ pub fn retry_after_secs(d: Duration) -> u64 {
 mod tests {
     use super::*;
 
-    #[test]
-    fn decide_edges() {
-        let d = decide(1, 2, MINUTE, 0.5);
-        assert_eq!(
-            d,
-            Decision::Allow(RateInfo {
-                limit: 2,
-                remaining: 1,
-                reset: Duration::from_secs(30)
-            })
-        );
-        assert!(matches!(decide(2, 2, MINUTE, 0.0), Decision::Allow(i) if i.remaining == 0));
-        assert!(matches!(decide(3, 2, MINUTE, 0.0), Decision::Deny(i) if i.remaining == 0));
-        assert_eq!(decide(1, 1, MINUTE, f64::NAN).info().reset, MINUTE);
-        assert_eq!(decide(1, 1, MINUTE, 7.0).info().reset, Duration::ZERO);
+    fn state(window: Window, limit: u64, used: u64, reset_ms: u64, refused: bool) -> WindowState {
+        WindowState {
+            window,
+            limit,
+            used,
+            reset: Duration::from_millis(reset_ms),
+            refused,
+        }
+    }
+
+    fn states(list: &[WindowState]) -> WindowStates {
+        let mut out = [None; WINDOWS];
+        for s in list {
+            out[s.window.index()] = Some(*s);
+        }
+        out
     }
 
     #[test]
-    fn limiter_counts_per_key() {
-        let l = LocalLimiter::new(1024);
-        for i in 0..3 {
-            let d = l.check_requests("a", Some(3)).unwrap();
-            assert!(matches!(d, Decision::Allow(r) if r.remaining == 2 - i));
+    fn windows_align_to_the_epoch() {
+        let now = 1_700_000_123_456;
+        assert_eq!(window_start(now, 1_000), 1_700_000_123_000);
+        assert_eq!(window_start(now, 60_000), 1_700_000_100_000);
+        assert_eq!(window_start(now, 86_400_000), 1_699_920_000_000);
+        assert_eq!(window_start(0, 1_000), 0);
+        let s = window_start(now, 60_000);
+        assert_eq!(window_reset(now, s, 60_000), Duration::from_millis(36_544));
+        // A start from another node's (later) clock never gives a negative reset.
+        assert_eq!(window_reset(s + 70_000, s, 60_000), Duration::ZERO);
+        for w in Window::ALL {
+            assert_eq!(Window::ALL[w.index()], w);
+            assert_eq!(w.period_ms() % 1_000, 0);
         }
-        assert!(matches!(
-            l.check_requests("a", Some(3)),
-            Some(Decision::Deny(_))
-        ));
-        assert!(matches!(
-            l.check_requests("b", Some(3)),
-            Some(Decision::Allow(_))
-        ));
-        assert_eq!(l.check_requests("c", None), None);
+    }
+
+    #[test]
+    fn limits_from_a_tier_and_shares() {
+        let t = Tier {
+            requests_per_second: Some(1),
+            requests_per_hour: Some(100),
+            ..Tier::default()
+        };
+        let l = RequestLimits::from_tier(&t);
+        assert_eq!(l.0, [Some(1), None, Some(100), None]);
+        assert_eq!(l.len(), 2);
+        assert!(!l.is_empty());
+        assert!(RequestLimits::default().is_empty());
+        let v: Vec<_> = l.iter().collect();
+        assert_eq!(v, [(Window::Second, 1), (Window::Hour, 100)]);
+        // ceil(limit / nodes), at least 1; nodes = 0 is treated as 1.
+        assert_eq!(l.shared(3).0, [Some(1), None, Some(34), None]);
+        assert_eq!(l.shared(1), l);
+        assert_eq!(l.shared(0), l);
+        assert_eq!(l.shared(1000).0, [Some(1), None, Some(1), None]);
+        let even = RequestLimits([None, Some(99), None, None]);
+        assert_eq!(even.shared(3).0[1], Some(33));
+    }
+
+    #[test]
+    fn admitted_requests_report_the_least_remaining_window() {
+        assert_eq!(decide(&[None; WINDOWS]), None);
+        let d = decide(&states(&[
+            state(Window::Second, 10, 3, 500, false),
+            state(Window::Minute, 100, 98, 30_000, false),
+            state(Window::Day, 1000, 998, 3_600_000, false),
+        ]))
+        .unwrap();
+        // Minute and day both have 2 left: the shorter period binds.
+        assert_eq!(
+            d,
+            Decision::Allow(RateInfo {
+                window: Window::Minute,
+                limit: 100,
+                remaining: 2,
+                reset: Duration::from_secs(30),
+            })
+        );
+    }
+
+    #[test]
+    fn refusals_report_the_refused_window_that_resets_last() {
+        let d = decide(&states(&[
+            state(Window::Second, 10, 10, 500, true),
+            state(Window::Minute, 100, 50, 30_000, false),
+            state(Window::Hour, 200, 200, 600_000, true),
+        ]))
+        .unwrap();
+        let Decision::Deny(i) = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(i.window, Window::Hour);
+        assert_eq!(i.remaining, 0);
+        assert_eq!(i.reset, Duration::from_secs(600));
+        // Equal resets: the shortest refused window is named.
+        let d = decide(&states(&[
+            state(Window::Minute, 1, 1, 1_000, true),
+            state(Window::Hour, 1, 1, 1_000, true),
+        ]))
+        .unwrap();
+        assert!(matches!(d, Decision::Deny(i) if i.window == Window::Minute));
+        assert_eq!(Decision::Unavailable.info(), None);
     }
 
     #[test]

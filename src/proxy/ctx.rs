@@ -36,6 +36,8 @@ pub struct Prepared {
     pub upstream_body: Bytes,
     /// The limit decision, for the response headers.
     pub decision: Option<Decision>,
+    /// Limits were decided without Redis: `x-ai4free-ratelimit: degraded`.
+    pub ratelimit_degraded: bool,
     /// Whether the gateway asked for the usage chunk the client did not ask for.
     pub strip_usage_chunk: bool,
     /// Arrival time.
@@ -72,6 +74,8 @@ pub struct Ctx {
     pub prepared: Option<Prepared>,
     /// Limit decision (headers on every response).
     pub decision: Option<Decision>,
+    /// Limits are decided without Redis: `x-ai4free-ratelimit: degraded` on the response.
+    pub ratelimit_degraded: bool,
     /// The refusal the gateway produced itself, if any.
     pub refusal: Option<ProxyError>,
     /// The request was handed to a subrequest, which records usage itself.
@@ -101,6 +105,7 @@ impl Ctx {
             endpoint: None,
             prepared: None,
             decision: None,
+            ratelimit_degraded: false,
             refusal: None,
             delegated: false,
             upstream_status: None,

@@ -5,7 +5,7 @@
 //!  client ──► request_filter ─────────────────────────────────────────────┐
 //!             │ route (request::route)                                     │ refusals: 401 403 404
 //!             │ authenticate (keys::cache)                                 │ 405 413 429 400 → JSON,
-//!             │ limit (limits::LocalLimiter)                               │ Ok(true), logging()
+//!             │ limit (limits::Limiter: local, or Redis Lua)               │ Ok(true), logging()
 //!             │ read body ≤ max_body_bytes, parse (request::parse_head)    │
 //!             │ resolve model (config), build upstream body               ◄┘
 //!             │   body ≤ 64 KiB: Pingora replays it from its retry buffer
@@ -45,7 +45,7 @@ use request::{Endpoint, Route};
 use crate::config::{Config, Model, Provider};
 use crate::error::ProxyError;
 use crate::keys::cache::{AuthError, KeyCache, KeyEntry};
-use crate::limits::{self, Decision, LocalLimiter};
+use crate::limits::{self, Decision, Limiter, RequestLimits};
 use crate::metrics;
 use crate::tokens::count::Tokenizer;
 use crate::tokens::usage::{usage_from_response_body, StreamAccounting, Usage};
@@ -148,8 +148,8 @@ pub struct Gateway {
     pub config: Arc<Config>,
     /// Key validation cache.
     pub keys: Arc<KeyCache>,
-    /// Local limiter.
-    pub limiter: Arc<LocalLimiter>,
+    /// Request limiter (local counters, or Redis with local fallbacks).
+    pub limiter: Arc<Limiter>,
     /// Usage queue.
     pub usage: UsageSink,
     /// Dialing view of each provider, in config order.
@@ -165,6 +165,7 @@ impl Gateway {
         keys: Arc<KeyCache>,
         usage: UsageSink,
         upstreams: Arc<Vec<Upstream>>,
+        limiter: Arc<Limiter>,
     ) -> Gateway {
         let bench_key = config.ablate.auth.then(|| {
             Arc::new(KeyEntry {
@@ -189,7 +190,7 @@ impl Gateway {
         Gateway {
             config,
             keys,
-            limiter: Arc::new(LocalLimiter::default()),
+            limiter,
             usage,
             upstreams,
             bench_key,
@@ -217,6 +218,9 @@ async fn respond_json(
     if let Some(d) = &ctx.decision {
         rate_headers(&mut h, d)?;
     }
+    if ctx.ratelimit_degraded {
+        h.insert_header(DEGRADED_HEADER, "degraded")?;
+    }
     if let Some(s) = retry_after {
         h.insert_header("retry-after", s.to_string())?;
     }
@@ -224,8 +228,13 @@ async fn respond_json(
     session.write_response_body(Some(body), true).await
 }
 
+/// Present, with value `degraded`, while limits are decided without Redis.
+const DEGRADED_HEADER: &str = "x-ai4free-ratelimit";
+
 fn rate_headers(h: &mut ResponseHeader, d: &Decision) -> Result<()> {
-    let i = d.info();
+    let Some(i) = d.info() else {
+        return Ok(());
+    };
     h.insert_header("x-ratelimit-limit-requests", i.limit.to_string())?;
     h.insert_header("x-ratelimit-remaining-requests", i.remaining.to_string())?;
     h.insert_header("x-ratelimit-reset-requests", limits::format_reset(i.reset))?;
@@ -255,8 +264,10 @@ impl Gateway {
     async fn refuse(&self, session: &mut Session, ctx: &mut Ctx, err: ProxyError) -> Result<bool> {
         // The body may be large and unread: closing beats draining megabytes.
         session.set_keepalive(None);
-        let retry = match (&err, &ctx.decision) {
-            (ProxyError::RateLimited(_), Some(d)) => Some(limits::retry_after_secs(d.info().reset)),
+        let retry = match (&err, ctx.decision.as_ref().and_then(|d| d.info())) {
+            (ProxyError::RateLimited(_), Some(i)) => Some(limits::retry_after_secs(i.reset)),
+            // The breaker probes Redis again within a second.
+            (ProxyError::RateLimiterUnavailable, _) => Some(1),
             _ => None,
         };
         if let ProxyError::Auth(a) = &err {
@@ -359,6 +370,7 @@ impl Gateway {
             client_body: body,
             upstream_body,
             decision: ctx.decision,
+            ratelimit_degraded: ctx.ratelimit_degraded,
             started: ctx.started,
             started_at_ms: ctx.started_at_ms,
         })
@@ -644,11 +656,13 @@ impl ProxyHttp for Gateway {
             ctx.key = Some(p.key.clone());
             ctx.endpoint = Some(p.endpoint);
             ctx.decision = p.decision;
+            ctx.ratelimit_degraded = p.ratelimit_degraded;
             ctx.prepared = Some(p);
             return Ok(false);
         }
 
         ctx.request_id = Some(Arc::from(usage_mod::new_request_id(ctx.started_at_ms)));
+        ctx.ratelimit_degraded = self.limiter.is_degraded();
         let route = {
             let req = session.req_header();
             request::route(req.method.as_str(), req.uri.path())
@@ -686,10 +700,11 @@ impl ProxyHttp for Gateway {
             }
             Err(e) => return self.refuse(session, ctx, ProxyError::Auth(e)).await,
         };
-        let tier_rpm = self
+        let limits = self
             .config
             .tier(&key.record.tier)
-            .and_then(|t| t.requests_per_minute);
+            .map(RequestLimits::from_tier)
+            .unwrap_or_default();
         ctx.key = Some(key);
         let Route::Proxy(endpoint) = route else {
             let body = self.models_body(ctx);
@@ -702,16 +717,30 @@ impl ProxyHttp for Gateway {
             .as_ref()
             .map(|k| k.record.id.as_str())
             .unwrap_or_default();
-        if !self.config.ablate.limits {
-            ctx.decision = self.limiter.check_requests(key_id, tier_rpm);
+        if !self.config.ablate.limits && !limits.is_empty() {
+            let checked = self.limiter.check(key_id, &limits).await;
+            ctx.decision = checked.decision;
+            ctx.ratelimit_degraded = checked.degraded;
         }
-        if let Some(Decision::Deny(_)) = ctx.decision {
-            metrics::RATE_LIMITED
-                .with_label_values(&["requests_per_minute"])
-                .inc();
-            return self
-                .refuse(session, ctx, ProxyError::RateLimited("requests per minute"))
-                .await;
+        match ctx.decision {
+            Some(Decision::Deny(info)) => {
+                metrics::RATE_LIMITED
+                    .with_label_values(&[info.window.limit_name()])
+                    .inc();
+                return self
+                    .refuse(
+                        session,
+                        ctx,
+                        ProxyError::RateLimited(info.window.describe()),
+                    )
+                    .await;
+            }
+            Some(Decision::Unavailable) => {
+                return self
+                    .refuse(session, ctx, ProxyError::RateLimiterUnavailable)
+                    .await;
+            }
+            Some(Decision::Allow(_)) | None => {}
         }
         let prepared = match self.prepare(session, ctx, endpoint).await {
             Ok(p) => p,
@@ -830,6 +859,9 @@ impl ProxyHttp for Gateway {
         }
         if let Some(d) = &ctx.decision {
             rate_headers(resp, d)?;
+        }
+        if ctx.ratelimit_degraded {
+            resp.insert_header(DEGRADED_HEADER, "degraded")?;
         }
         Ok(())
     }
