@@ -17,6 +17,7 @@ use common::gateway::rt;
 use common::http;
 use common::node::{cluster_yaml, Node};
 use common::pg::PgServer;
+use common::redis::{away_from_window_edge, RedisServer};
 use serde_json::{json, Value};
 
 fn mock() -> MockHandle {
@@ -326,5 +327,204 @@ fn a_30_second_database_outage_under_load_loses_no_usage_row_and_fails_no_reques
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+}
+
+/// Waits until every node answers without the degraded header (at most 10 s).
+fn wait_until_recovered(nodes: &[Node], key: &str) {
+    let back = Instant::now();
+    for n in nodes {
+        loop {
+            let r = rt()
+                .block_on(http::post_json(
+                    n.addr,
+                    "/v1/chat/completions",
+                    Some(key),
+                    &chat(),
+                    &[],
+                ))
+                .unwrap();
+            if r.header("x-ai4free-ratelimit").is_none() {
+                break;
+            }
+            assert!(
+                back.elapsed() < Duration::from_secs(10),
+                "node {} still degraded 10 s after Redis came back",
+                n.name
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(
+            n.metric("ai4free_ratelimit_degraded"),
+            0.0,
+            "node {}",
+            n.name
+        );
+    }
+}
+
+fn redis_yaml(url: &str, on_failure: &str) -> String {
+    format!("redis: {{ url: \"{url}\", timeout_ms: 20, on_failure: {on_failure}, nodes: 3 }}")
+}
+
+#[test]
+fn three_nodes_offered_three_times_the_limit_let_exactly_the_limit_through() {
+    let pg = PgServer::start();
+    let redis = RedisServer::start();
+    let mock = mock();
+    let dir = tempfile::tempdir().unwrap();
+    let limit = 30;
+    let shared = cluster_yaml(
+        &pg.url(),
+        &mock.base_url(),
+        &format!("  limited: {{ requests_per_minute: {limit} }}"),
+        &redis_yaml(&redis.url(), "local_share"),
+    );
+    let nodes = three_nodes(dir.path(), &shared);
+    let (_, key) = create_key(&nodes[0], "limited");
+    std::thread::sleep(Duration::from_millis(600));
+    away_from_window_edge(60_000, 15_000);
+    mock.clear();
+    // 3L requests, 3 concurrent clients per node.
+    let statuses = Arc::new(Mutex::new(Vec::new()));
+    let threads: Vec<_> = (0..9)
+        .map(|t| {
+            let addr = nodes[t % 3].addr;
+            let (key, statuses) = (key.clone(), statuses.clone());
+            std::thread::spawn(move || {
+                for _ in 0..limit / 3 {
+                    let (status, _, _) = call(addr, &key);
+                    statuses.lock().unwrap().push(status);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let statuses = statuses.lock().unwrap().clone();
+    assert_eq!(statuses.len(), 3 * limit);
+    let ok = statuses.iter().filter(|&&s| s == 200).count();
+    let limited = statuses.iter().filter(|&&s| s == 429).count();
+    // Counted at the provider, not by the gateway.
+    assert_eq!(mock.request_count(), limit, "statuses: {statuses:?}");
+    assert_eq!((ok, limited), (limit, 2 * limit));
+    for n in &nodes {
+        assert_eq!(n.metric("ai4free_ratelimit_degraded"), 0.0);
+    }
+}
+
+#[test]
+fn a_redis_outage_degrades_to_local_shares_within_the_timeout_and_recovers_by_itself() {
+    let pg = PgServer::start();
+    let mut redis = RedisServer::start();
+    let mock = mock();
+    let dir = tempfile::tempdir().unwrap();
+    let shared = cluster_yaml(
+        &pg.url(),
+        &mock.base_url(),
+        "  pro: { requests_per_minute: 1000000 }\n  limited: { requests_per_minute: 30 }",
+        &redis_yaml(&redis.url(), "local_share"),
+    );
+    let nodes = three_nodes(dir.path(), &shared);
+    let (_, key) = create_key(&nodes[0], "pro");
+    let (_, limited_key) = create_key(&nodes[0], "limited");
+    std::thread::sleep(Duration::from_millis(600));
+    for n in &nodes {
+        let r = rt()
+            .block_on(http::post_json(
+                n.addr,
+                "/v1/chat/completions",
+                Some(&key),
+                &chat(),
+                &[],
+            ))
+            .unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-ai4free-ratelimit"), None);
+    }
+    let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();
+    let load = Load::start(addrs, key.clone(), 3, Duration::from_millis(10));
+    std::thread::sleep(Duration::from_secs(1));
+
+    // A blackholed Redis (stopped, not closed: connections hang) is the hard case.
+    redis.pause();
+    std::thread::sleep(Duration::from_secs(2));
+    for n in &nodes {
+        let r = rt()
+            .block_on(http::post_json(
+                n.addr,
+                "/v1/chat/completions",
+                Some(&key),
+                &chat(),
+                &[],
+            ))
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(
+            r.header("x-ai4free-ratelimit").as_deref(),
+            Some("degraded"),
+            "node {}",
+            n.name
+        );
+        assert_eq!(
+            n.metric("ai4free_ratelimit_degraded"),
+            1.0,
+            "node {}",
+            n.name
+        );
+    }
+    // local_share: each node now enforces ceil(30 / 3) = 10 per minute on its own.
+    away_from_window_edge(60_000, 15_000);
+    let admitted = (0..15)
+        .filter(|_| call(nodes[1].addr, &limited_key).0 == 200)
+        .count();
+    assert_eq!(admitted, 10);
+    redis.resume();
+    wait_until_recovered(&nodes, &key);
+
+    // A Redis that dies outright (connections refused) degrades and recovers the same way.
+    redis.kill();
+    std::thread::sleep(Duration::from_millis(500));
+    for n in &nodes {
+        let r = rt()
+            .block_on(http::post_json(
+                n.addr,
+                "/v1/chat/completions",
+                Some(&key),
+                &chat(),
+                &[],
+            ))
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(
+            r.header("x-ai4free-ratelimit").as_deref(),
+            Some("degraded"),
+            "node {}",
+            n.name
+        );
+    }
+    redis.restart();
+    wait_until_recovered(&nodes, &key);
+    let (sent, failures, _, slowest) = load.finish();
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} failed: {:?}",
+        failures.len(),
+        failures.first()
+    );
+    // No request waited on the stopped Redis past its 20 ms budget (plus scheduling
+    // slack on a loaded two-core machine).
+    assert!(
+        slowest < Duration::from_millis(270),
+        "slowest request {slowest:?}"
+    );
+    for n in &nodes {
+        let log = n.log_text();
+        assert!(
+            log.contains("rate limits degraded") && log.contains("rate limits recovered"),
+            "node {} did not log both transitions:\n{log}",
+            n.name
+        );
     }
 }
