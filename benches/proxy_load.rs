@@ -145,14 +145,47 @@ fn start_gateway(
     ablate: &[&str],
     threads: usize,
 ) -> Gateway {
+    start_gateway_with(name, dir, mock, stream_usage, ablate, threads, None)
+}
+
+/// The multi-node setup: PostgreSQL storage and Redis limits (`storage` URL and
+/// `redis:` section), or the embedded SQLite default with local limits.
+struct Cluster {
+    storage: String,
+    redis_url: String,
+}
+
+fn start_gateway_with(
+    name: &str,
+    dir: &Path,
+    mock: SocketAddr,
+    stream_usage: bool,
+    ablate: &[&str],
+    threads: usize,
+    cluster: Option<&Cluster>,
+) -> Gateway {
     let port = free_port();
+    let (storage, redis) = match cluster {
+        Some(c) => (
+            c.storage.clone(),
+            format!(
+                "redis: {{ url: \"{}\", timeout_ms: 20, on_failure: local_share, nodes: 1 }}",
+                c.redis_url
+            ),
+        ),
+        None => (
+            format!("sqlite://{}", dir.join(format!("{name}.db")).display()),
+            String::new(),
+        ),
+    };
     let cfg = dir.join(format!("{name}.yaml"));
     std::fs::write(
         &cfg,
         format!(
             r#"listen: "127.0.0.1:{port}"
 metrics_listen: "127.0.0.1:{mport}"
-storage: "sqlite://{db}"
+storage: "{storage}"
+{redis}
 server: {{ threads: {threads}, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 1 }}
 bench_ablate: [{ablate}]
 providers:
@@ -168,7 +201,6 @@ tiers:
   bench: {{ requests_per_minute: 4000000000 }}
 "#,
             mport = free_port(),
-            db = dir.join(format!("{name}.db")).display(),
             ablate = ablate.join(", "),
         ),
     )
@@ -195,6 +227,46 @@ tiers:
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     wait_for(addr);
     Gateway { proc, addr, key }
+}
+
+/// A fresh database on the PostgreSQL server at `AI4FREE_BENCH_PG` (default: the
+/// local one the tests use), dropped again by [`PgDatabase`]'s `Drop`.
+struct PgDatabase {
+    admin_url: String,
+    name: String,
+}
+
+impl PgDatabase {
+    fn create() -> Option<PgDatabase> {
+        let admin_url = std::env::var("AI4FREE_BENCH_PG")
+            .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/postgres".into());
+        let name = format!("ai4free_bench_{}", std::process::id());
+        let ok = Command::new("psql")
+            .arg(&admin_url)
+            .args(["-qAtc", &format!("CREATE DATABASE {name}")])
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(PgDatabase { admin_url, name })
+    }
+
+    fn url(&self) -> String {
+        match self.admin_url.rsplit_once('/') {
+            Some((server, _)) => format!("{server}/{}", self.name),
+            None => self.admin_url.clone(),
+        }
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .arg(&self.admin_url)
+            .args([
+                "-qAtc",
+                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+            ])
+            .status();
+    }
 }
 
 fn chat_body(stream: bool, prompt_bytes: usize) -> Vec<u8> {
@@ -574,6 +646,29 @@ fn main() {
         })
         .collect();
 
+    // The multi-node setup on one node: PostgreSQL for keys and usage, Redis for
+    // limits (skipped, and said so, when either is not reachable).
+    let pg = PgDatabase::create();
+    let redis_url =
+        std::env::var("AI4FREE_BENCH_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let cluster = pg.as_ref().map(|db| {
+        start_gateway_with(
+            "gateway-pg-redis",
+            dir.path(),
+            mock_addr,
+            true,
+            &[],
+            threads,
+            Some(&Cluster {
+                storage: db.url(),
+                redis_url: redis_url.clone(),
+            }),
+        )
+    });
+    if cluster.is_none() {
+        eprintln!("PostgreSQL not reachable: the PostgreSQL + Redis row is skipped");
+    }
+
     let mut out = String::new();
     let now = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC");
     let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
@@ -650,6 +745,13 @@ fn main() {
         timeout: Duration::from_secs(5),
     };
     let mut systems = reference(&small, "gateway");
+    if let Some(g) = &cluster {
+        systems.push(System::new(
+            "gateway +PostgreSQL +Redis",
+            target(g.addr, Some(&g.key), &small, &[]),
+            &g.proc,
+        ));
+    }
     for (a, g) in &ablations {
         systems.push(System::new(
             format!("gateway −{a}"),
@@ -658,7 +760,7 @@ fn main() {
         ));
     }
     interleaved(&rt, &systems, &spec, ROUNDS, &mut out);
-    writeln!(out, "\nCPU µs/req is the process under test only (for direct: the mock). \"gateway −x\" has capability x switched off (`bench_ablate`).").unwrap();
+    writeln!(out, "\nCPU µs/req is the process under test only (for direct: the mock). \"gateway −x\" has capability x switched off (`bench_ablate`). \"gateway +PostgreSQL +Redis\" stores keys and usage in PostgreSQL and counts limits in Redis (one Lua call per request), both on this machine.").unwrap();
 
     // 3. Large prompts.
     let large = chat_body(false, 50_000);
@@ -737,6 +839,8 @@ fn main() {
     }
 
     drop(ablations);
+    drop(cluster);
+    drop(pg);
     drop((full, counting, bare, mock));
     println!("{out}");
     let results = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench-results");
