@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::{open, ReportRow, Store, StoreError, UsageQuery};
-use crate::config::Storage;
-use crate::keys::KeyRecord;
+use crate::config::{Storage, UsdAmount};
+use crate::keys::{KeyLimits, KeyRecord};
 use crate::usage::{TokenSource, UsageRecord};
 
 // === test databases ===
@@ -144,19 +144,7 @@ pub(super) fn key(id: &str, created_at_ms: i64) -> KeyRecord {
     {
         secret_hash[i] = b ^ (i as u8);
     }
-    KeyRecord {
-        id: id.to_owned(),
-        name: None,
-        owner: None,
-        project: None,
-        tier: "free".to_owned(),
-        models: Vec::new(),
-        created_at_ms,
-        expires_at_ms: None,
-        revoked_at_ms: None,
-        secret_hash,
-        rev: 0,
-    }
+    KeyRecord::new(id.to_owned(), "free".to_owned(), secret_hash, created_at_ms)
 }
 
 pub(super) fn usage(request_id: &str, key_id: &str, started_at_ms: i64) -> UsageRecord {
@@ -231,8 +219,27 @@ async fn keys_round_trip(store: Arc<dyn Store>) {
             "openai/gpt-4o-mini".to_owned(),
             "模型".to_owned(),
         ],
+        metadata: serde_json::json!({
+            "team": "Zoë's",
+            "n": 12,
+            "nested": {"list": [1, "two", null, true], "big": u64::MAX},
+        })
+        .as_object()
+        .unwrap()
+        .clone(),
+        limits: KeyLimits {
+            requests_per_second: Some(3),
+            tokens_per_day: Some(u64::MAX),
+            default_max_tokens: Some(512),
+            spend_usd_per_day: Some(UsdAmount { micros: 1 }),
+            spend_usd_per_month: Some(UsdAmount { micros: u64::MAX }),
+            ..KeyLimits::default()
+        },
         expires_at_ms: Some(1_900_000_000_000),
         revoked_at_ms: Some(1_800_000_000_000),
+        last_used_at_ms: Some(1_750_000_000_000),
+        previous_secret_hash: Some([7; 32]),
+        previous_valid_until_ms: Some(1_760_000_000_000),
         ..key("a4f_full", 1_700_000_000_000)
     };
     let bare = key("a4f_bare", 1_600_000_000_000);

@@ -42,7 +42,8 @@ use crate::usage::{TokenSource, UsageRecord};
 
 /// Schema migrations, applied in order; `ai4free_schema_migrations` records each
 /// applied version (1-based index into this list).
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE api_keys (
     id            TEXT PRIMARY KEY,
     name          TEXT,
@@ -84,7 +85,19 @@ CREATE TABLE usage (
 );
 CREATE INDEX usage_started ON usage(started_at_ms);
 CREATE INDEX usage_key_started ON usage(key_id, started_at_ms);
-"#];
+"#,
+    // 2: the key lifecycle (metadata, limit overrides, last use, rotation).
+    r#"
+ALTER TABLE api_keys ADD COLUMN metadata JSONB NOT NULL DEFAULT '{}';
+ALTER TABLE api_keys ADD COLUMN limits JSONB NOT NULL DEFAULT '{}';
+ALTER TABLE api_keys ADD COLUMN last_used_at_ms BIGINT;
+ALTER TABLE api_keys ADD COLUMN previous_secret_hash BYTEA;
+ALTER TABLE api_keys ADD COLUMN previous_valid_until_ms BIGINT;
+CREATE INDEX api_keys_owner ON api_keys(owner, id COLLATE "C");
+CREATE INDEX api_keys_project ON api_keys(project, id COLLATE "C");
+CREATE INDEX api_keys_id_c ON api_keys(id COLLATE "C");
+"#,
+];
 
 /// Key of the transaction-scoped advisory lock migrations run under ("ai4free\0").
 const MIGRATION_LOCK: i64 = 0x6169_3466_7265_6500;
@@ -253,18 +266,15 @@ macro_rules! call {
     }};
 }
 
-const KEY_COLS: &str = "id, name, owner, project, tier, models, created_at_ms, expires_at_ms, revoked_at_ms, secret_hash, rev";
+const KEY_COLS: &str = "id, name, owner, project, tier, models, created_at_ms, expires_at_ms, revoked_at_ms, secret_hash, rev, metadata, limits, last_used_at_ms, previous_secret_hash, previous_valid_until_ms";
 
-/// The select list for [`key_from_row`]; `models` travels as JSON text.
-const KEY_SELECT: &str = "id, name, owner, project, tier, models::text, created_at_ms, expires_at_ms, revoked_at_ms, secret_hash, rev";
+/// The select list for [`key_from_row`]; JSON columns travel as text.
+const KEY_SELECT: &str = "id, name, owner, project, tier, models::text, created_at_ms, expires_at_ms, revoked_at_ms, secret_hash, rev, metadata::text, limits::text, last_used_at_ms, previous_secret_hash, previous_valid_until_ms";
 
 fn key_from_row(r: &Row) -> Result<KeyRecord, tokio_postgres::Error> {
     let models: String = r.try_get(5)?;
-    let hash: Vec<u8> = r.try_get(9)?;
-    let mut secret_hash = [0u8; 32];
-    if hash.len() == 32 {
-        secret_hash.copy_from_slice(&hash);
-    }
+    let metadata: String = r.try_get(11)?;
+    let limits: String = r.try_get(12)?;
     Ok(KeyRecord {
         id: r.try_get(0)?,
         name: r.try_get(1)?,
@@ -272,12 +282,29 @@ fn key_from_row(r: &Row) -> Result<KeyRecord, tokio_postgres::Error> {
         project: r.try_get(3)?,
         tier: r.try_get(4)?,
         models: serde_json::from_str(&models).unwrap_or_default(),
+        metadata: serde_json::from_str(&metadata).unwrap_or_default(),
+        limits: serde_json::from_str(&limits).unwrap_or_default(),
         created_at_ms: r.try_get(6)?,
         expires_at_ms: r.try_get(7)?,
         revoked_at_ms: r.try_get(8)?,
-        secret_hash,
+        last_used_at_ms: r.try_get(13)?,
+        secret_hash: hash32(&r.try_get::<_, Vec<u8>>(9)?).unwrap_or_default(),
+        previous_secret_hash: r
+            .try_get::<_, Option<Vec<u8>>>(14)?
+            .and_then(|h| hash32(&h)),
+        previous_valid_until_ms: r.try_get(15)?,
         rev: r.try_get(10)?,
     })
+}
+
+/// A stored hash as the fixed-size array (None if the column is malformed).
+fn hash32(bytes: &[u8]) -> Option<[u8; 32]> {
+    bytes.try_into().ok()
+}
+
+/// JSON text of a value that always serializes (maps, plain structs).
+fn json_text<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "{}".into())
 }
 
 fn keys_from_rows(rows: &[Row], op: &'static str) -> Result<Vec<KeyRecord>, StoreError> {
@@ -528,12 +555,16 @@ async fn insert_key_tx(client: &mut Object, k: &KeyRecord) -> Result<(), StoreEr
     let st = tx
         .prepare_cached(&format!(
             "INSERT INTO api_keys ({KEY_COLS}) \
-             VALUES ($1, $2, $3, $4, $5, $6::text::jsonb, $7, $8, $9, $10, $11) \
+             VALUES ($1, $2, $3, $4, $5, $6::text::jsonb, $7, $8, $9, $10, $11, \
+             $12::text::jsonb, $13::text::jsonb, $14, $15, $16) \
              ON CONFLICT (id) DO NOTHING"
         ))
         .await
         .map_err(err)?;
     let hash: &[u8] = &k.secret_hash;
+    let previous: Option<&[u8]> = k.previous_secret_hash.as_ref().map(|h| &h[..]);
+    let metadata = json_text(&k.metadata);
+    let limits = json_text(&k.limits);
     let n = tx
         .execute(
             &st,
@@ -549,6 +580,11 @@ async fn insert_key_tx(client: &mut Object, k: &KeyRecord) -> Result<(), StoreEr
                 &k.revoked_at_ms,
                 &hash,
                 &rev,
+                &metadata,
+                &limits,
+                &k.last_used_at_ms,
+                &previous,
+                &k.previous_valid_until_ms,
             ],
         )
         .await

@@ -15,8 +15,16 @@ use super::{ReportRow, Store, StoreError, UsageQuery};
 use crate::keys::KeyRecord;
 use crate::usage::{TokenSource, UsageRecord};
 
+/// One schema step.
+enum Migration {
+    Sql(&'static str),
+}
+
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[r#"
+/// Append only: a released step never changes.
+const MIGRATIONS: &[Migration] = &[
+    Migration::Sql(
+        r#"
 CREATE TABLE IF NOT EXISTS api_keys (
     id            TEXT PRIMARY KEY,
     name          TEXT,
@@ -53,7 +61,21 @@ CREATE TABLE IF NOT EXISTS usage (
 );
 CREATE INDEX IF NOT EXISTS usage_started ON usage(started_at_ms);
 CREATE INDEX IF NOT EXISTS usage_key_started ON usage(key_id, started_at_ms);
-"#];
+"#,
+    ),
+    // 2: the key lifecycle (metadata, limit overrides, last use, rotation).
+    Migration::Sql(
+        r#"
+ALTER TABLE api_keys ADD COLUMN metadata TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE api_keys ADD COLUMN limits TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE api_keys ADD COLUMN last_used_at_ms INTEGER;
+ALTER TABLE api_keys ADD COLUMN previous_secret_hash BLOB;
+ALTER TABLE api_keys ADD COLUMN previous_valid_until_ms INTEGER;
+CREATE INDEX api_keys_owner ON api_keys(owner, id);
+CREATE INDEX api_keys_project ON api_keys(project, id);
+"#,
+    ),
+];
 
 /// SQLite-backed [`Store`].
 pub struct SqliteStore {
@@ -108,15 +130,12 @@ impl SqliteStore {
     }
 }
 
-const KEY_COLS: &str = "id, name, owner, project, tier, models, created_at_ms, expires_at_ms, revoked_at_ms, secret_hash, rev";
+const KEY_COLS: &str = "id, name, owner, project, tier, models, created_at_ms, expires_at_ms, revoked_at_ms, secret_hash, rev, metadata, limits, last_used_at_ms, previous_secret_hash, previous_valid_until_ms";
 
 fn key_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRecord> {
     let models: String = r.get(5)?;
-    let hash: Vec<u8> = r.get(9)?;
-    let mut secret_hash = [0u8; 32];
-    if hash.len() == 32 {
-        secret_hash.copy_from_slice(&hash);
-    }
+    let metadata: String = r.get(11)?;
+    let limits: String = r.get(12)?;
     Ok(KeyRecord {
         id: r.get(0)?,
         name: r.get(1)?,
@@ -124,10 +143,15 @@ fn key_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRecord> {
         project: r.get(3)?,
         tier: r.get(4)?,
         models: serde_json::from_str(&models).unwrap_or_default(),
+        metadata: serde_json::from_str(&metadata).unwrap_or_default(),
+        limits: serde_json::from_str(&limits).unwrap_or_default(),
         created_at_ms: r.get(6)?,
         expires_at_ms: r.get(7)?,
         revoked_at_ms: r.get(8)?,
-        secret_hash,
+        last_used_at_ms: r.get(13)?,
+        secret_hash: hash32(&r.get::<_, Vec<u8>>(9)?).unwrap_or_default(),
+        previous_secret_hash: r.get::<_, Option<Vec<u8>>>(14)?.and_then(|h| hash32(&h)),
+        previous_valid_until_ms: r.get(15)?,
         rev: r.get(10)?,
     })
 }
@@ -182,6 +206,16 @@ fn where_clause(q: &UsageQuery) -> (String, Vec<rusqlite::types::Value>) {
     (sql, args)
 }
 
+/// A stored hash as the fixed-size array (None if the column is malformed).
+fn hash32(bytes: &[u8]) -> Option<[u8; 32]> {
+    bytes.try_into().ok()
+}
+
+/// JSON text of a value that always serializes (maps, plain structs).
+fn json_text<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "{}".into())
+}
+
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -197,7 +231,9 @@ impl Store for SqliteStore {
                 .pragma_query_value(None, "user_version", |r| r.get(0))
                 .map_err(db_err)?;
             for (i, m) in MIGRATIONS.iter().enumerate().skip(done.max(0) as usize) {
-                tx.execute_batch(m).map_err(db_err)?;
+                match m {
+                    Migration::Sql(sql) => tx.execute_batch(sql).map_err(db_err)?,
+                }
                 tx.pragma_update(None, "user_version", (i + 1) as i64)
                     .map_err(db_err)?;
             }
@@ -213,10 +249,13 @@ impl Store for SqliteStore {
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
                 .map_err(db_err)?;
             let models = serde_json::to_string(&k.models).unwrap_or_else(|_| "[]".into());
+            let metadata = json_text(&k.metadata);
+            let limits = json_text(&k.limits);
             let n = tx
                 .execute(
-                    &format!("INSERT OR IGNORE INTO api_keys ({KEY_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,(SELECT COALESCE(MAX(rev),0)+1 FROM api_keys))"),
-                    params![k.id, k.name, k.owner, k.project, k.tier, models, k.created_at_ms, k.expires_at_ms, k.revoked_at_ms, k.secret_hash.to_vec()],
+                    &format!("INSERT OR IGNORE INTO api_keys ({KEY_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,(SELECT COALESCE(MAX(rev),0)+1 FROM api_keys),?,?,?,?,?)"),
+                    params![k.id, k.name, k.owner, k.project, k.tier, models, k.created_at_ms, k.expires_at_ms, k.revoked_at_ms, k.secret_hash.to_vec(),
+                        metadata, limits, k.last_used_at_ms, k.previous_secret_hash.map(|h| h.to_vec()), k.previous_valid_until_ms],
                 )
                 .map_err(db_err)?;
             if n == 0 {
