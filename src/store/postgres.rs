@@ -36,7 +36,11 @@ use tokio::time::{timeout_at, Instant};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
-use super::{ReportRow, Store, StoreError, UsageQuery};
+use super::sql::{self, Dialect, SqlArg};
+use super::{
+    encode_key_cursor, AuditEntry, AuditPage, AuditQuery, KeyFilter, KeyPage, KeyPatch, ReportRow,
+    Store, StoreError, UsageQuery,
+};
 use crate::keys::KeyRecord;
 use crate::usage::{TokenSource, UsageRecord};
 
@@ -96,6 +100,19 @@ ALTER TABLE api_keys ADD COLUMN previous_valid_until_ms BIGINT;
 CREATE INDEX api_keys_owner ON api_keys(owner, id COLLATE "C");
 CREATE INDEX api_keys_project ON api_keys(project, id COLLATE "C");
 CREATE INDEX api_keys_id_c ON api_keys(id COLLATE "C");
+"#,
+    // 3: the audit log of admin actions. `detail` is JSON (not JSONB): kept
+    // verbatim, and a `\u0000` in it cannot make an action's record fail.
+    r#"
+CREATE TABLE audit_log (
+    id     BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at_ms  BIGINT NOT NULL,
+    actor  TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT,
+    detail JSON NOT NULL DEFAULT '{}'
+);
+CREATE INDEX audit_log_at ON audit_log(at_ms, id);
 "#,
 ];
 
@@ -620,6 +637,128 @@ async fn revoke_key_tx(client: &mut Object, id: &str, at_ms: i64) -> Result<bool
     Ok(true)
 }
 
+/// Binds the shared query builder's parameters.
+fn pg_args(args: &[SqlArg]) -> Vec<&(dyn ToSql + Sync)> {
+    args.iter()
+        .map(|a| match a {
+            SqlArg::Text(s) => s as &(dyn ToSql + Sync),
+            SqlArg::Int(i) => i as &(dyn ToSql + Sync),
+        })
+        .collect()
+}
+
+async fn update_key_tx(
+    client: &mut Object,
+    id: &str,
+    patch: &KeyPatch,
+) -> Result<Option<KeyRecord>, StoreError> {
+    let err = pg("update_key");
+    let mut args: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+    let mut sets: Vec<String> = Vec::new();
+    let mut set = |col: &str, cast: &str, v: Box<dyn ToSql + Sync + Send>| {
+        args.push(v);
+        sets.push(format!("{col} = ${}{cast}", args.len()));
+    };
+    if let Some(name) = &patch.name {
+        set(
+            "name",
+            "",
+            Box::new(name.as_deref().map(|n| pg_text(n).into_owned())),
+        );
+    }
+    if let Some(tier) = &patch.tier {
+        set("tier", "", Box::new(pg_text(tier).into_owned()));
+    }
+    if let Some(exp) = patch.expires_at_ms {
+        set("expires_at_ms", "", Box::new(exp));
+    }
+    if let Some(models) = &patch.models {
+        set("models", "::text::jsonb", Box::new(json_text(models)));
+    }
+    if let Some(metadata) = &patch.metadata {
+        set("metadata", "::text::jsonb", Box::new(json_text(metadata)));
+    }
+    if let Some(limits) = &patch.limits {
+        set("limits", "::text::jsonb", Box::new(json_text(limits)));
+    }
+    let tx = client.transaction().await.map_err(err)?;
+    let rev = next_rev(&tx, "update_key").await?;
+    args.push(Box::new(rev));
+    sets.push(format!("rev = ${}", args.len()));
+    args.push(Box::new(id.to_owned()));
+    let sql = format!(
+        "UPDATE api_keys SET {} WHERE id = ${} RETURNING {KEY_SELECT}",
+        sets.join(", "),
+        args.len()
+    );
+    let params: Vec<&(dyn ToSql + Sync)> = args
+        .iter()
+        .map(|a| a.as_ref() as &(dyn ToSql + Sync))
+        .collect();
+    let rows = tx.query(&sql, &params).await.map_err(err)?;
+    let Some(row) = rows.first() else {
+        // Rolling back returns the rev: an unknown id is no change.
+        tx.rollback().await.map_err(err)?;
+        return Ok(None);
+    };
+    let rec = key_from_row(row).map_err(err)?;
+    tx.commit().await.map_err(err)?;
+    Ok(Some(rec))
+}
+
+async fn rotate_key_tx(
+    client: &mut Object,
+    id: &str,
+    new_hash: &[u8; 32],
+    grace_until_ms: Option<i64>,
+) -> Result<Option<KeyRecord>, StoreError> {
+    let err = pg("rotate_key");
+    let tx = client.transaction().await.map_err(err)?;
+    // The counter first, then the row: the order every key write takes locks in.
+    let rev = next_rev(&tx, "rotate_key").await?;
+    let found = tx
+        .query(
+            "SELECT revoked_at_ms FROM api_keys WHERE id = $1 FOR UPDATE",
+            &[&id],
+        )
+        .await
+        .map_err(err)?;
+    let revoked: Option<i64> = match found.first() {
+        None => {
+            tx.rollback().await.map_err(err)?;
+            return Ok(None);
+        }
+        Some(r) => r.try_get(0).map_err(err)?,
+    };
+    if revoked.is_some() {
+        tx.rollback().await.map_err(err)?;
+        return Err(StoreError::Conflict(format!(
+            "key {id} is revoked and cannot be rotated"
+        )));
+    }
+    let hash: &[u8] = new_hash;
+    let row = tx
+        .query_one(
+            &format!(
+                "UPDATE api_keys SET previous_secret_hash = secret_hash, \
+                 previous_valid_until_ms = $1, secret_hash = $2, rev = $3 WHERE id = $4 \
+                 RETURNING {KEY_SELECT}"
+            ),
+            &[&grace_until_ms, &hash, &rev, &id],
+        )
+        .await
+        .map_err(err)?;
+    let rec = key_from_row(&row).map_err(err)?;
+    tx.commit().await.map_err(err)?;
+    Ok(Some(rec))
+}
+
+/// Raises `last_used_at_ms` for a batch in one statement; ids are unique and sorted,
+/// so concurrent batches lock rows in the same order.
+const TOUCH_KEYS: &str = "UPDATE api_keys k SET last_used_at_ms = v.at \
+     FROM UNNEST($1::text[], $2::int8[]) AS v(id, at) \
+     WHERE k.id = v.id AND (k.last_used_at_ms IS NULL OR k.last_used_at_ms < v.at)";
+
 async fn query_rows(
     client: &Object,
     op: &'static str,
@@ -758,6 +897,155 @@ impl Store for PostgresStore {
             &args
         ))?;
         rows.iter().map(report_from_row).collect()
+    }
+
+    async fn update_key(
+        &self,
+        id: &str,
+        patch: &KeyPatch,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        call!(self, "update_key", self.deadline(), |c| update_key_tx(
+            &mut c, id, patch
+        ))
+    }
+
+    async fn rotate_key(
+        &self,
+        id: &str,
+        new_hash: &[u8; 32],
+        grace_until_ms: Option<i64>,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        call!(self, "rotate_key", self.deadline(), |c| rotate_key_tx(
+            &mut c,
+            id,
+            new_hash,
+            grace_until_ms
+        ))
+    }
+
+    async fn touch_keys(&self, uses: &[(String, i64)]) -> Result<(), StoreError> {
+        let mut latest: std::collections::BTreeMap<&str, i64> = Default::default();
+        for (id, at) in uses {
+            let e = latest.entry(id.as_str()).or_insert(*at);
+            *e = (*e).max(*at);
+        }
+        if latest.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<Cow<'_, str>> = latest.keys().map(|id| pg_text(id)).collect();
+        let ats: Vec<i64> = latest.values().copied().collect();
+        call!(self, "touch_keys", self.deadline(), |c| async {
+            let st = c
+                .prepare_cached(TOUCH_KEYS)
+                .await
+                .map_err(pg("touch_keys"))?;
+            c.execute(&st, &[&ids, &ats])
+                .await
+                .map_err(pg("touch_keys"))?;
+            Ok(())
+        })
+    }
+
+    async fn find_keys(
+        &self,
+        filter: &KeyFilter,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<KeyPage, StoreError> {
+        let w = sql::key_filter(Dialect::Postgres, filter, cursor)?;
+        let limit = limit.max(1);
+        // One row past the page tells whether another page exists.
+        let sql = format!(
+            "SELECT {KEY_SELECT} FROM api_keys{} ORDER BY id COLLATE \"C\" LIMIT {}",
+            w.sql(),
+            limit.saturating_add(1)
+        );
+        let args = pg_args(&w.args);
+        let rows = call!(self, "find_keys", self.deadline(), |c| query_rows(
+            &c,
+            "find_keys",
+            &sql,
+            &args
+        ))?;
+        let mut keys = keys_from_rows(&rows, "find_keys")?;
+        let next_cursor = if keys.len() > limit {
+            keys.truncate(limit);
+            keys.last().map(|k| encode_key_cursor(&k.id))
+        } else {
+            None
+        };
+        Ok(KeyPage { keys, next_cursor })
+    }
+
+    async fn insert_audit(&self, entry: &AuditEntry) -> Result<i64, StoreError> {
+        let actor = pg_text(&entry.actor);
+        let action = pg_text(&entry.action);
+        let target = entry.target.as_deref().map(pg_text);
+        let detail = json_text(&entry.detail);
+        let rows = call!(self, "insert_audit", self.deadline(), |c| query_rows(
+            &c,
+            "insert_audit",
+            "INSERT INTO audit_log (at_ms, actor, action, target, detail) \
+             VALUES ($1, $2, $3, $4, $5::text::json) RETURNING id",
+            &[&entry.at_ms, &actor, &action, &target, &detail]
+        ))?;
+        match rows.first() {
+            Some(r) => r.try_get(0).map_err(pg("insert_audit")),
+            None => Err(StoreError::Database(
+                "postgres insert_audit: no id returned".into(),
+            )),
+        }
+    }
+
+    async fn list_audit(
+        &self,
+        q: &AuditQuery,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<AuditPage, StoreError> {
+        let w = sql::audit_filter(Dialect::Postgres, q, cursor)?;
+        let limit = limit.max(1);
+        let sql = format!(
+            "SELECT id, at_ms, actor, action, target, detail::text FROM audit_log{} \
+             ORDER BY at_ms DESC, id DESC LIMIT {}",
+            w.sql(),
+            limit.saturating_add(1)
+        );
+        let args = pg_args(&w.args);
+        let rows = call!(self, "list_audit", self.deadline(), |c| query_rows(
+            &c,
+            "list_audit",
+            &sql,
+            &args
+        ))?;
+        let err = pg("list_audit");
+        let mut entries = rows
+            .iter()
+            .map(|r| {
+                let detail: String = r.try_get(5)?;
+                Ok(AuditEntry {
+                    id: r.try_get(0)?,
+                    at_ms: r.try_get(1)?,
+                    actor: r.try_get(2)?,
+                    action: r.try_get(3)?,
+                    target: r.try_get(4)?,
+                    detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
+                })
+            })
+            .collect::<Result<Vec<_>, tokio_postgres::Error>>()
+            .map_err(err)?;
+        let next_cursor = if entries.len() > limit {
+            entries.truncate(limit);
+            entries
+                .last()
+                .map(|e| sql::encode_audit_cursor(e.at_ms, e.id))
+        } else {
+            None
+        };
+        Ok(AuditPage {
+            entries,
+            next_cursor,
+        })
     }
 }
 

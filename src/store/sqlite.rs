@@ -11,7 +11,11 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{ReportRow, Store, StoreError, UsageQuery};
+use super::sql::{self, Dialect, SqlArg};
+use super::{
+    encode_key_cursor, AuditEntry, AuditPage, AuditQuery, KeyFilter, KeyPage, KeyPatch, ReportRow,
+    Store, StoreError, UsageQuery,
+};
 use crate::keys::KeyRecord;
 use crate::usage::{TokenSource, UsageRecord};
 
@@ -73,6 +77,20 @@ ALTER TABLE api_keys ADD COLUMN previous_secret_hash BLOB;
 ALTER TABLE api_keys ADD COLUMN previous_valid_until_ms INTEGER;
 CREATE INDEX api_keys_owner ON api_keys(owner, id);
 CREATE INDEX api_keys_project ON api_keys(project, id);
+"#,
+    ),
+    // 3: the audit log of admin actions.
+    Migration::Sql(
+        r#"
+CREATE TABLE audit_log (
+    id     INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms  INTEGER NOT NULL,
+    actor  TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT,
+    detail TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX audit_log_at ON audit_log(at_ms, id);
 "#,
     ),
 ];
@@ -215,6 +233,31 @@ fn hash32(bytes: &[u8]) -> Option<[u8; 32]> {
 fn json_text<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "{}".into())
 }
+
+fn sql_values(args: Vec<SqlArg>) -> Vec<rusqlite::types::Value> {
+    use rusqlite::types::Value;
+    args.into_iter()
+        .map(|a| match a {
+            SqlArg::Text(s) => Value::Text(s),
+            SqlArg::Int(i) => Value::Integer(i),
+        })
+        .collect()
+}
+
+/// The `rev` a key write takes: one above every stored key's. Writers hold SQLite's
+/// write lock (immediate transactions), so revs commit in order.
+const NEXT_REV: &str = "(SELECT COALESCE(MAX(rev),0)+1 FROM api_keys)";
+
+fn select_key(c: &Connection, id: &str) -> Result<Option<KeyRecord>, StoreError> {
+    c.prepare_cached(&format!("SELECT {KEY_COLS} FROM api_keys WHERE id = ?"))
+        .map_err(db_err)?
+        .query_row([id], key_from_row)
+        .optional()
+        .map_err(db_err)
+}
+
+/// Rows per `touch_keys` statement (two parameters each, far below SQLite's limit).
+const TOUCH_CHUNK: usize = 400;
 
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
@@ -419,5 +462,244 @@ impl Store for SqliteStore {
             rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
         })
         .await
+    }
+
+    async fn update_key(
+        &self,
+        id: &str,
+        patch: &KeyPatch,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        use rusqlite::types::Value;
+        let id = id.to_owned();
+        let mut sets: Vec<String> = Vec::new();
+        let mut args: Vec<Value> = Vec::new();
+        let mut set = |col: &str, v: Value| {
+            args.push(v);
+            sets.push(format!("{col} = ?{}", args.len()));
+        };
+        let text = |v: &Option<String>| v.clone().map_or(Value::Null, Value::Text);
+        if let Some(name) = &patch.name {
+            set("name", text(name));
+        }
+        if let Some(tier) = &patch.tier {
+            set("tier", Value::Text(tier.clone()));
+        }
+        if let Some(exp) = patch.expires_at_ms {
+            set("expires_at_ms", exp.map_or(Value::Null, Value::Integer));
+        }
+        if let Some(models) = &patch.models {
+            set("models", Value::Text(json_text(models)));
+        }
+        if let Some(metadata) = &patch.metadata {
+            set("metadata", Value::Text(json_text(metadata)));
+        }
+        if let Some(limits) = &patch.limits {
+            set("limits", Value::Text(json_text(limits)));
+        }
+        sets.push(format!("rev = {NEXT_REV}"));
+        args.push(Value::Text(id.clone()));
+        let sql = format!(
+            "UPDATE api_keys SET {} WHERE id = ?{}",
+            sets.join(", "),
+            args.len()
+        );
+        self.with(move |c| {
+            let tx = c
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(db_err)?;
+            let n = tx
+                .execute(&sql, rusqlite::params_from_iter(args))
+                .map_err(db_err)?;
+            if n == 0 {
+                return Ok(None);
+            }
+            let rec = select_key(&tx, &id)?;
+            tx.commit().map_err(db_err)?;
+            Ok(rec)
+        })
+        .await
+    }
+
+    async fn rotate_key(
+        &self,
+        id: &str,
+        new_hash: &[u8; 32],
+        grace_until_ms: Option<i64>,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let id = id.to_owned();
+        let new_hash = new_hash.to_vec();
+        self.with(move |c| {
+            let tx = c
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(db_err)?;
+            let revoked: Option<Option<i64>> = tx
+                .query_row(
+                    "SELECT revoked_at_ms FROM api_keys WHERE id = ?",
+                    [&id],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(db_err)?;
+            match revoked {
+                None => return Ok(None),
+                Some(Some(_)) => {
+                    return Err(StoreError::Conflict(format!(
+                        "key {id} is revoked and cannot be rotated"
+                    )))
+                }
+                Some(None) => {}
+            }
+            tx.execute(
+                &format!(
+                    "UPDATE api_keys SET previous_secret_hash = secret_hash, \
+                     previous_valid_until_ms = ?1, secret_hash = ?2, rev = {NEXT_REV} WHERE id = ?3"
+                ),
+                params![grace_until_ms, new_hash, id],
+            )
+            .map_err(db_err)?;
+            let rec = select_key(&tx, &id)?;
+            tx.commit().map_err(db_err)?;
+            Ok(rec)
+        })
+        .await
+    }
+
+    async fn touch_keys(&self, uses: &[(String, i64)]) -> Result<(), StoreError> {
+        // One value per id (the latest): UPDATE … FROM picks an arbitrary row when
+        // several match.
+        let mut latest: std::collections::BTreeMap<String, i64> = Default::default();
+        for (id, at) in uses {
+            let e = latest.entry(id.clone()).or_insert(*at);
+            *e = (*e).max(*at);
+        }
+        if latest.is_empty() {
+            return Ok(());
+        }
+        let latest: Vec<(String, i64)> = latest.into_iter().collect();
+        self.with(move |c| {
+            let tx = c
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(db_err)?;
+            for chunk in latest.chunks(TOUCH_CHUNK) {
+                let values = vec!["(?,?)"; chunk.len()].join(",");
+                let sql = format!(
+                    "UPDATE api_keys SET last_used_at_ms = v.column2 FROM (VALUES {values}) AS v \
+                     WHERE api_keys.id = v.column1 \
+                     AND (api_keys.last_used_at_ms IS NULL OR api_keys.last_used_at_ms < v.column2)"
+                );
+                let args = chunk.iter().flat_map(|(id, at)| {
+                    [
+                        rusqlite::types::Value::Text(id.clone()),
+                        rusqlite::types::Value::Integer(*at),
+                    ]
+                });
+                tx.execute(&sql, rusqlite::params_from_iter(args))
+                    .map_err(db_err)?;
+            }
+            tx.commit().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn find_keys(
+        &self,
+        filter: &KeyFilter,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<KeyPage, StoreError> {
+        let w = sql::key_filter(Dialect::Sqlite, filter, cursor)?;
+        let limit = limit.max(1);
+        // One row past the page tells whether another page exists.
+        let sql = format!(
+            "SELECT {KEY_COLS} FROM api_keys{} ORDER BY id LIMIT {}",
+            w.sql(),
+            limit.saturating_add(1)
+        );
+        let args = sql_values(w.args);
+        let mut keys = self
+            .with(move |c| {
+                let mut st = c.prepare(&sql).map_err(db_err)?;
+                let rows = st
+                    .query_map(rusqlite::params_from_iter(args), key_from_row)
+                    .map_err(db_err)?;
+                rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
+            })
+            .await?;
+        let next_cursor = if keys.len() > limit {
+            keys.truncate(limit);
+            keys.last().map(|k| encode_key_cursor(&k.id))
+        } else {
+            None
+        };
+        Ok(KeyPage { keys, next_cursor })
+    }
+
+    async fn insert_audit(&self, entry: &AuditEntry) -> Result<i64, StoreError> {
+        let e = entry.clone();
+        self.with(move |c| {
+            c.prepare_cached(
+                "INSERT INTO audit_log (at_ms, actor, action, target, detail) VALUES (?,?,?,?,?)",
+            )
+            .map_err(db_err)?
+            .execute(params![
+                e.at_ms,
+                e.actor,
+                e.action,
+                e.target,
+                json_text(&e.detail)
+            ])
+            .map_err(db_err)?;
+            Ok(c.last_insert_rowid())
+        })
+        .await
+    }
+
+    async fn list_audit(
+        &self,
+        q: &AuditQuery,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<AuditPage, StoreError> {
+        let w = sql::audit_filter(Dialect::Sqlite, q, cursor)?;
+        let limit = limit.max(1);
+        let sql = format!(
+            "SELECT id, at_ms, actor, action, target, detail FROM audit_log{} \
+             ORDER BY at_ms DESC, id DESC LIMIT {}",
+            w.sql(),
+            limit.saturating_add(1)
+        );
+        let args = sql_values(w.args);
+        let mut entries = self
+            .with(move |c| {
+                let mut st = c.prepare(&sql).map_err(db_err)?;
+                let rows = st
+                    .query_map(rusqlite::params_from_iter(args), |r| {
+                        let detail: String = r.get(5)?;
+                        Ok(AuditEntry {
+                            id: r.get(0)?,
+                            at_ms: r.get(1)?,
+                            actor: r.get(2)?,
+                            action: r.get(3)?,
+                            target: r.get(4)?,
+                            detail: serde_json::from_str(&detail)
+                                .unwrap_or(serde_json::Value::Null),
+                        })
+                    })
+                    .map_err(db_err)?;
+                rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
+            })
+            .await?;
+        let next_cursor = if entries.len() > limit {
+            entries.truncate(limit);
+            entries
+                .last()
+                .map(|e| sql::encode_audit_cursor(e.at_ms, e.id))
+        } else {
+            None
+        };
+        Ok(AuditPage {
+            entries,
+            next_cursor,
+        })
     }
 }
