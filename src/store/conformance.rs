@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::{
-    open, AuditEntry, AuditQuery, KeyFilter, KeyPatch, KeyStatusFilter, ReportRow, Store,
-    StoreError, UsageQuery,
+    day_of_ms, open, AuditEntry, AuditQuery, GroupBy, KeyFilter, KeyPatch, KeyStatusFilter,
+    ReportRow, RollupQuery, RollupRow, Store, StoreError, UsageQuery,
 };
 use crate::config::{Storage, UsdAmount};
 use crate::keys::{KeyLimits, KeyRecord};
@@ -140,6 +140,7 @@ conformance!(
     find_keys_pages_never_skip_or_repeat,
     find_keys_name_prefix_is_literal,
     audit_round_trip_and_paging,
+    rollup_equals_a_direct_aggregation,
 );
 
 // === builders ===
@@ -1131,4 +1132,185 @@ async fn audit_round_trip_and_paging(store: Arc<dyn Store>) {
             .await,
         Err(StoreError::Invalid(_))
     ));
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+/// Rollup totals computed in Rust from usage rows and key owners/projects.
+pub(super) fn rollup_model(
+    rows: &[UsageRecord],
+    keys: &[KeyRecord],
+    q: &RollupQuery,
+) -> Vec<RollupRow> {
+    let key = |id: &str| keys.iter().find(|k| k.id == id);
+    let mut groups: BTreeMap<Option<String>, RollupRow> = BTreeMap::new();
+    for r in rows {
+        let day = day_of_ms(r.started_at_ms);
+        let k = key(&r.key_id);
+        let owner = k.and_then(|k| k.owner.clone());
+        let project = k.and_then(|k| k.project.clone());
+        let keep = q.key_id.as_ref().is_none_or(|v| *v == r.key_id)
+            && q.model.as_ref().is_none_or(|v| *v == r.model)
+            && q.owner.as_ref().is_none_or(|v| Some(v) == owner.as_ref())
+            && q.project
+                .as_ref()
+                .is_none_or(|v| Some(v) == project.as_ref())
+            && q.since_day.as_ref().is_none_or(|v| day >= *v)
+            && q.until_day.as_ref().is_none_or(|v| day <= *v);
+        if !keep {
+            continue;
+        }
+        let g = match q.group_by {
+            GroupBy::Day => Some(day),
+            GroupBy::Model => Some(r.model.clone()),
+            GroupBy::Key => Some(r.key_id.clone()),
+            GroupBy::Owner => owner,
+            GroupBy::Project => project,
+        };
+        let row = groups.entry(g.clone()).or_insert(RollupRow {
+            group: g,
+            requests: 0,
+            ok_requests: 0,
+            failed: 0,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            cost_pusd: 0,
+        });
+        let ok = (200..300).contains(&r.status);
+        row.requests += 1;
+        row.ok_requests += u64::from(ok);
+        row.failed += u64::from(!ok);
+        row.prompt_tokens += r.prompt_tokens;
+        row.completion_tokens += r.completion_tokens;
+        row.cost_pusd += i128::from(r.cost_pusd);
+    }
+    groups.into_values().collect()
+}
+
+/// Keys and a usage history over several days, models and statuses, including
+/// costs whose sum passes i64::MAX and a key the store does not know.
+pub(super) fn rollup_fixture() -> (Vec<KeyRecord>, Vec<UsageRecord>) {
+    let keys = vec![
+        KeyRecord {
+            owner: Some("alice".into()),
+            project: Some("p1".into()),
+            ..key("ka", 1)
+        },
+        KeyRecord {
+            owner: Some("alice".into()),
+            project: Some("p2".into()),
+            ..key("kb", 1)
+        },
+        KeyRecord {
+            owner: Some("Bob".into()),
+            ..key("KC", 1)
+        },
+    ];
+    let statuses = [200u16, 500, 204, 429, 0, 299, 300];
+    let mut rows = Vec::new();
+    for i in 0..120i64 {
+        let mut r = usage(
+            &format!("roll-{i:03}"),
+            ["ka", "kb", "KC", "ghost"][(i % 4) as usize],
+            // Spread over five days, both sides of midnight, before the epoch too.
+            (i % 5 - 1) * DAY_MS + (i * 7_919_000) % DAY_MS,
+        );
+        r.model = ["gpt-4o", "Gpt-4o", "llama"][(i % 3) as usize].into();
+        r.status = statuses[(i % 7) as usize];
+        r.prompt_tokens = 100 + i as u64;
+        r.completion_tokens = 3 * i as u64;
+        r.cost_pusd = 1_000_003 * i - 7;
+        rows.push(r);
+    }
+    for (i, cost) in [i64::MAX - 7, i64::MAX / 3, i64::MAX]
+        .into_iter()
+        .enumerate()
+    {
+        let mut r = usage(&format!("big-{i}"), "ka", 2 * DAY_MS + i as i64);
+        r.cost_pusd = cost;
+        rows.push(r);
+    }
+    (keys, rows)
+}
+
+pub(super) fn rollup_queries() -> Vec<RollupQuery> {
+    let mut qs = Vec::new();
+    for g in [
+        GroupBy::Day,
+        GroupBy::Model,
+        GroupBy::Key,
+        GroupBy::Owner,
+        GroupBy::Project,
+    ] {
+        qs.push(RollupQuery {
+            group_by: g,
+            ..RollupQuery::default()
+        });
+        qs.push(RollupQuery {
+            group_by: g,
+            owner: Some("alice".into()),
+            since_day: Some(day_of_ms(0)),
+            until_day: Some(day_of_ms(2 * DAY_MS)),
+            ..RollupQuery::default()
+        });
+    }
+    qs.push(RollupQuery {
+        group_by: GroupBy::Day,
+        key_id: Some("kb".into()),
+        model: Some("llama".into()),
+        ..RollupQuery::default()
+    });
+    qs.push(RollupQuery {
+        group_by: GroupBy::Model,
+        project: Some("p1".into()),
+        ..RollupQuery::default()
+    });
+    qs.push(RollupQuery {
+        group_by: GroupBy::Key,
+        key_id: Some("nobody".into()),
+        ..RollupQuery::default()
+    });
+    qs
+}
+
+async fn rollup_equals_a_direct_aggregation(store: Arc<dyn Store>) {
+    let (keys, rows) = rollup_fixture();
+    for k in &keys {
+        store.insert_key(k).await.unwrap();
+    }
+    store.insert_usage(&rows[..70]).await.unwrap();
+    // Replays and duplicates: the overlap and the in-batch twin must not count twice.
+    store.insert_usage(&rows[..70]).await.unwrap();
+    store.insert_usage(&rows[50..]).await.unwrap();
+    let twin = [rows[3].clone(), rows[3].clone()];
+    store.insert_usage(&twin).await.unwrap();
+    for q in rollup_queries() {
+        assert_eq!(
+            store.usage_rollup(&q).await.unwrap(),
+            rollup_model(&rows, &keys, &q),
+            "{q:?}"
+        );
+    }
+    let by_day = store
+        .usage_rollup(&RollupQuery {
+            group_by: GroupBy::Day,
+            key_id: Some("ka".into()),
+            since_day: Some(day_of_ms(2 * DAY_MS)),
+            until_day: Some(day_of_ms(2 * DAY_MS)),
+            ..RollupQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(by_day.len(), 1);
+    assert!(by_day[0].cost_pusd > 2 * i128::from(i64::MAX));
+    // Groups order None first, then bytewise (upper case first).
+    let owners = store
+        .usage_rollup(&RollupQuery {
+            group_by: GroupBy::Owner,
+            ..RollupQuery::default()
+        })
+        .await
+        .unwrap();
+    let groups: Vec<Option<&str>> = owners.iter().map(|r| r.group.as_deref()).collect();
+    assert_eq!(groups, [None, Some("Bob"), Some("alice")]);
 }

@@ -301,6 +301,10 @@ pub trait Store: Send + Sync {
         limit: usize,
         cursor: Option<&str>,
     ) -> Result<AuditPage, StoreError>;
+    /// Usage totals from the daily rollup (never the usage table), one row per
+    /// group, ordered by group (None first, then bytewise). `insert_usage`
+    /// maintains the rollup in its own transaction, counting only rows it inserted.
+    async fn usage_rollup(&self, q: &RollupQuery) -> Result<Vec<RollupRow>, StoreError>;
 }
 
 /// The id a key cursor resumes after. Cursors are opaque to callers: `k` + hex of

@@ -38,11 +38,32 @@ use tokio_postgres::{NoTls, Row};
 
 use super::sql::{self, Dialect, SqlArg};
 use super::{
-    encode_key_cursor, AuditEntry, AuditPage, AuditQuery, KeyFilter, KeyPage, KeyPatch, ReportRow,
-    Store, StoreError, UsageQuery,
+    encode_key_cursor, AuditEntry, AuditPage, AuditQuery, GroupBy, KeyFilter, KeyPage, KeyPatch,
+    ReportRow, RollupQuery, RollupRow, Store, StoreError, UsageQuery,
 };
 use crate::keys::KeyRecord;
 use crate::usage::{TokenSource, UsageRecord};
+
+/// The UTC day (`YYYY-MM-DD`) of `started_at_ms`, as [`super::day_of_ms`] computes
+/// it (floor division, clamped to years 1..=9999). A macro so migrations can embed it.
+macro_rules! day_sql {
+    () => {
+        "to_char(DATE '1970-01-01' + LEAST(GREATEST(floor(started_at_ms::numeric / 86400000), \
+         -719162), 2932896)::int, 'YYYY-MM-DD')"
+    };
+}
+
+/// The rollup totals of a set of usage rows, grouped per cell (the select list of
+/// the rollup's writes).
+macro_rules! daily_select {
+    () => {
+        concat!(
+            day_sql!(),
+            ", key_id, model, count(*), count(*) FILTER (WHERE status BETWEEN 200 AND 299), \
+             sum(prompt_tokens), sum(completion_tokens), sum(cost_pusd)"
+        )
+    };
+}
 
 /// Schema migrations, applied in order; `ai4free_schema_migrations` records each
 /// applied version (1-based index into this list).
@@ -114,6 +135,28 @@ CREATE TABLE audit_log (
 );
 CREATE INDEX audit_log_at ON audit_log(at_ms, id);
 "#,
+    // 4: the daily usage rollup (NUMERIC sums: exact at any size), filled from the
+    // usage rows written before it existed.
+    concat!(
+        r#"
+CREATE TABLE usage_daily (
+    day               TEXT NOT NULL,
+    key_id            TEXT NOT NULL,
+    model             TEXT NOT NULL,
+    requests          BIGINT NOT NULL,
+    ok_requests       BIGINT NOT NULL,
+    prompt_tokens     NUMERIC NOT NULL,
+    completion_tokens NUMERIC NOT NULL,
+    cost_pusd         NUMERIC NOT NULL,
+    PRIMARY KEY (day, key_id, model)
+);
+CREATE INDEX usage_daily_key ON usage_daily(key_id, day);
+INSERT INTO usage_daily (day, key_id, model, requests, ok_requests, prompt_tokens,
+    completion_tokens, cost_pusd)
+SELECT "#,
+        daily_select!(),
+        " FROM usage GROUP BY 1, 2, 3;\n"
+    ),
 ];
 
 /// Key of the transaction-scoped advisory lock migrations run under ("ai4free\0").
@@ -359,13 +402,37 @@ fn usage_from_row(r: &Row) -> Result<UsageRecord, tokio_postgres::Error> {
 
 /// `INSERT … SELECT FROM UNNEST`: one array parameter per column, one statement per
 /// batch. Casts fix every parameter's type, so the statement prepares once.
-const INSERT_USAGE: &str = "INSERT INTO usage (request_id, key_id, model, provider, endpoint, \
+macro_rules! insert_usage_rows {
+    () => {
+        "INSERT INTO usage (request_id, key_id, model, provider, endpoint, \
      prompt_tokens, cached_prompt_tokens, completion_tokens, cost_pusd, input_price_micros, \
      output_price_micros, status, stream, token_source, started_at_ms, latency_ms, ttfb_ms, error) \
      SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
      $6::int8[], $7::int8[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::int4[], \
      $13::bool[], $14::text[], $15::int8[], $16::int8[], $17::int8[], $18::text[]) \
-     ON CONFLICT (request_id) DO NOTHING";
+     ON CONFLICT (request_id) DO NOTHING"
+    };
+}
+
+/// The batch insert plus its rollup, one statement: only the rows the insert
+/// returns (new request ids) are added to `usage_daily`, so a replayed batch adds
+/// nothing. Cells are upserted in key order, so concurrent batches from several
+/// nodes lock them in the same order and cannot deadlock on each other.
+const INSERT_USAGE: &str = concat!(
+    "WITH ins AS (",
+    insert_usage_rows!(),
+    " RETURNING key_id, model, status, prompt_tokens, completion_tokens, cost_pusd, started_at_ms) \
+     INSERT INTO usage_daily (day, key_id, model, requests, ok_requests, prompt_tokens, \
+     completion_tokens, cost_pusd) SELECT ",
+    daily_select!(),
+    " FROM ins GROUP BY 1, 2, 3 ORDER BY 1, 2, 3 \
+     ON CONFLICT (day, key_id, model) DO UPDATE SET \
+     requests = usage_daily.requests + EXCLUDED.requests, \
+     ok_requests = usage_daily.ok_requests + EXCLUDED.ok_requests, \
+     prompt_tokens = usage_daily.prompt_tokens + EXCLUDED.prompt_tokens, \
+     completion_tokens = usage_daily.completion_tokens + EXCLUDED.completion_tokens, \
+     cost_pusd = usage_daily.cost_pusd + EXCLUDED.cost_pusd"
+);
 
 /// A usage batch as one array per column (the parameters of [`INSERT_USAGE`]).
 #[derive(Debug, Default, PartialEq)]
@@ -522,7 +589,7 @@ async fn next_rev(tx: &Transaction<'_>, op: &'static str) -> Result<i64, StoreEr
     row.try_get(0).map_err(pg(op))
 }
 
-async fn migrate_tx(client: &mut Object) -> Result<(), StoreError> {
+async fn migrate_tx(client: &mut Object, target: usize) -> Result<(), StoreError> {
     let err = pg("migrate");
     let tx = client.transaction().await.map_err(err)?;
     // Serializes nodes migrating at once; released by commit or rollback.
@@ -551,7 +618,7 @@ async fn migrate_tx(client: &mut Object) -> Result<(), StoreError> {
             MIGRATIONS.len()
         );
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(done) {
+    for (i, sql) in MIGRATIONS.iter().enumerate().take(target).skip(done) {
         let version = i32::try_from(i + 1).unwrap_or(i32::MAX);
         tx.batch_execute(sql).await.map_err(err)?;
         tx.execute(
@@ -795,7 +862,10 @@ fn report_from_row(r: &Row) -> Result<ReportRow, StoreError> {
 impl Store for PostgresStore {
     async fn migrate(&self) -> Result<(), StoreError> {
         let deadline = Instant::now() + self.opts.query_timeout.max(MIGRATE_BUDGET);
-        call!(self, "migrate", deadline, |c| migrate_tx(&mut c))
+        call!(self, "migrate", deadline, |c| migrate_tx(
+            &mut c,
+            MIGRATIONS.len()
+        ))
     }
 
     async fn insert_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
@@ -1047,6 +1117,59 @@ impl Store for PostgresStore {
             next_cursor,
         })
     }
+
+    async fn usage_rollup(&self, q: &RollupQuery) -> Result<Vec<RollupRow>, StoreError> {
+        let w = sql::rollup_filter(Dialect::Postgres, q);
+        let group = match q.group_by {
+            GroupBy::Day => "d.day",
+            GroupBy::Model => "d.model",
+            GroupBy::Key => "d.key_id",
+            GroupBy::Owner => "k.owner",
+            GroupBy::Project => "k.project",
+        };
+        // NUMERIC sums, sent as text and parsed exactly.
+        let sql = format!(
+            "SELECT {group}, SUM(d.requests)::text, SUM(d.ok_requests)::text, \
+             SUM(d.prompt_tokens)::text, SUM(d.completion_tokens)::text, SUM(d.cost_pusd)::text \
+             FROM usage_daily d LEFT JOIN api_keys k ON k.id = d.key_id{} \
+             GROUP BY {group} ORDER BY {group} COLLATE \"C\" NULLS FIRST",
+            w.sql()
+        );
+        let args = pg_args(&w.args);
+        let rows = call!(self, "usage_rollup", self.deadline(), |c| query_rows(
+            &c,
+            "usage_rollup",
+            &sql,
+            &args
+        ))?;
+        let err = pg("usage_rollup");
+        rows.iter()
+            .map(|r| {
+                let text = |i: usize| r.try_get::<_, String>(i).map_err(err);
+                let requests = sum_u64(&text(1)?)?;
+                let ok_requests = sum_u64(&text(2)?)?;
+                Ok(RollupRow {
+                    group: r.try_get(0).map_err(err)?,
+                    requests,
+                    ok_requests,
+                    failed: requests.saturating_sub(ok_requests),
+                    prompt_tokens: sum_u64(&text(3)?)?,
+                    completion_tokens: sum_u64(&text(4)?)?,
+                    cost_pusd: parse_sum(&text(5)?)?,
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+impl PostgresStore {
+    /// Applies the first `target` migrations only: a database as an older build
+    /// left it (tests of the upgrade path).
+    async fn migrate_to(&self, target: usize) -> Result<(), StoreError> {
+        let deadline = Instant::now() + self.opts.query_timeout.max(MIGRATE_BUDGET);
+        call!(self, "migrate", deadline, |c| migrate_tx(&mut c, target))
+    }
 }
 
 #[cfg(test)]
@@ -1058,7 +1181,10 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::store::conformance::{admin_client, key, usage, TestSchema};
+    use crate::store::conformance::{
+        admin_client, key, rollup_fixture, rollup_model, rollup_queries, usage, TestSchema,
+    };
+    use crate::store::day_of_ms;
 
     /// Where initdb and pg_ctl live (`AI4FREE_TEST_PG_BIN` overrides).
     fn pg_bin() -> PathBuf {
@@ -1570,5 +1696,69 @@ mod tests {
             out.push(h.await.unwrap());
         }
         out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn migration_backfills_the_rollup_from_older_usage_rows() {
+        let schema = TestSchema::create().await;
+        let store = PostgresStore::connect(&schema.url(), quick())
+            .await
+            .unwrap();
+        // The schema as the build before the rollup left it, with its usage rows.
+        store.migrate_to(3).await.unwrap();
+        let (keys, rows) = rollup_fixture();
+        for k in &keys {
+            store.insert_key(k).await.unwrap();
+        }
+        let admin = admin_client(&schema.url()).await;
+        let cols = UsageColumns::new(&rows);
+        admin
+            .execute(insert_usage_rows!(), &cols.params())
+            .await
+            .unwrap();
+        assert!(store.usage_rollup(&RollupQuery::default()).await.is_err());
+
+        store.migrate().await.unwrap();
+        for q in rollup_queries() {
+            assert_eq!(
+                store.usage_rollup(&q).await.unwrap(),
+                rollup_model(&rows, &keys, &q),
+                "{q:?}"
+            );
+        }
+        store.insert_usage(&rows).await.unwrap();
+        let q = RollupQuery::default();
+        assert_eq!(
+            store.usage_rollup(&q).await.unwrap(),
+            rollup_model(&rows, &keys, &q)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_sql_day_matches_day_of_ms() {
+        let schema = TestSchema::create().await;
+        let admin = admin_client(&schema.url()).await;
+        for ms in [
+            0,
+            -1,
+            86_399_999,
+            -86_400_000,
+            -86_400_001,
+            951_782_400_000,
+            1_700_000_000_000,
+            253_402_300_799_999,
+            253_402_300_800_000,
+            -62_135_596_800_000,
+            -62_135_596_800_001,
+            i64::MAX,
+            i64::MIN,
+        ] {
+            let sql = format!(
+                "SELECT {} FROM (SELECT $1::int8 AS started_at_ms) t",
+                day_sql!()
+            );
+            let day: String = admin.query_one(&sql, &[&ms]).await.unwrap().get(0);
+            assert_eq!(day, day_of_ms(ms), "{ms}");
+        }
     }
 }

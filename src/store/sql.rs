@@ -182,7 +182,6 @@ pub(crate) fn audit_filter(
 }
 
 /// The `WHERE` of a rollup report over `usage_daily d LEFT JOIN api_keys k`.
-#[allow(dead_code)] // used by usage_rollup (next step)
 pub(crate) fn rollup_filter(dialect: Dialect, q: &RollupQuery) -> Where {
     let mut w = Where::new(dialect);
     for (col, v) in [

@@ -4,6 +4,7 @@
 //! connection. WAL mode plus a busy timeout lets the CLI change keys while a server
 //! runs on the same file; the server sees the change through the `rev` change feed.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -13,15 +14,16 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::sql::{self, Dialect, SqlArg};
 use super::{
-    encode_key_cursor, AuditEntry, AuditPage, AuditQuery, KeyFilter, KeyPage, KeyPatch, ReportRow,
-    Store, StoreError, UsageQuery,
+    day_of_ms, encode_key_cursor, AuditEntry, AuditPage, AuditQuery, GroupBy, KeyFilter, KeyPage,
+    KeyPatch, ReportRow, RollupQuery, RollupRow, Store, StoreError, UsageQuery,
 };
 use crate::keys::KeyRecord;
 use crate::usage::{TokenSource, UsageRecord};
 
-/// One schema step.
+/// One schema step: plain SQL, or Rust for what SQLite's SQL cannot do exactly.
 enum Migration {
     Sql(&'static str),
+    Code(fn(&rusqlite::Transaction<'_>) -> Result<(), StoreError>),
 }
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
@@ -93,7 +95,144 @@ CREATE TABLE audit_log (
 CREATE INDEX audit_log_at ON audit_log(at_ms, id);
 "#,
     ),
+    // 4: the daily usage rollup. Sums are kept exact in Rust (see `add_daily`):
+    // tokens saturate at i64::MAX, costs are i128 decimal text.
+    Migration::Sql(
+        r#"
+CREATE TABLE usage_daily (
+    day               TEXT NOT NULL,
+    key_id            TEXT NOT NULL,
+    model             TEXT NOT NULL,
+    requests          INTEGER NOT NULL,
+    ok_requests       INTEGER NOT NULL,
+    prompt_tokens     INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cost_pusd         TEXT NOT NULL,
+    PRIMARY KEY (day, key_id, model)
+);
+CREATE INDEX usage_daily_key ON usage_daily(key_id, day);
+"#,
+    ),
+    // 5: fill the rollup from the usage rows written before it existed.
+    Migration::Code(backfill_usage_daily),
 ];
+
+/// Usage totals of one (day, key, model) cell.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Daily {
+    requests: i64,
+    ok_requests: i64,
+    prompt_tokens: i64,
+    completion_tokens: i64,
+    cost_pusd: i128,
+}
+
+type DailyCells = BTreeMap<(String, String, String), Daily>;
+
+impl Daily {
+    fn add(&mut self, o: &Daily) {
+        self.requests = self.requests.saturating_add(o.requests);
+        self.ok_requests = self.ok_requests.saturating_add(o.ok_requests);
+        self.prompt_tokens = self.prompt_tokens.saturating_add(o.prompt_tokens);
+        self.completion_tokens = self.completion_tokens.saturating_add(o.completion_tokens);
+        self.cost_pusd = self.cost_pusd.saturating_add(o.cost_pusd);
+    }
+
+    fn of_request(status: i64, prompt: i64, completion: i64, cost: i64) -> Daily {
+        Daily {
+            requests: 1,
+            ok_requests: i64::from((200..300).contains(&status)),
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            cost_pusd: i128::from(cost),
+        }
+    }
+}
+
+/// Adds `cells` to `usage_daily` inside the caller's transaction. Read-modify-write
+/// is safe: every SQLite writer holds the database's write lock.
+fn add_daily(tx: &Connection, cells: &DailyCells) -> Result<(), StoreError> {
+    let mut read = tx
+        .prepare_cached(
+            "SELECT requests, ok_requests, prompt_tokens, completion_tokens, cost_pusd \
+             FROM usage_daily WHERE day = ?1 AND key_id = ?2 AND model = ?3",
+        )
+        .map_err(db_err)?;
+    let mut write = tx
+        .prepare_cached(
+            "INSERT OR REPLACE INTO usage_daily (day, key_id, model, requests, ok_requests, \
+             prompt_tokens, completion_tokens, cost_pusd) VALUES (?,?,?,?,?,?,?,?)",
+        )
+        .map_err(db_err)?;
+    for ((day, key_id, model), delta) in cells {
+        let old = read
+            .query_row(params![day, key_id, model], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, String>(4)?,
+                ))
+            })
+            .optional()
+            .map_err(db_err)?;
+        let mut total = match old {
+            Some((requests, ok_requests, prompt_tokens, completion_tokens, cost)) => Daily {
+                requests,
+                ok_requests,
+                prompt_tokens,
+                completion_tokens,
+                cost_pusd: cost
+                    .parse()
+                    .map_err(|_| StoreError::Database(format!("usage_daily: bad cost {cost:?}")))?,
+            },
+            None => Daily::default(),
+        };
+        total.add(delta);
+        write
+            .execute(params![
+                day,
+                key_id,
+                model,
+                total.requests,
+                total.ok_requests,
+                total.prompt_tokens,
+                total.completion_tokens,
+                total.cost_pusd.to_string(),
+            ])
+            .map_err(db_err)?;
+    }
+    Ok(())
+}
+
+fn backfill_usage_daily(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreError> {
+    let mut cells = DailyCells::new();
+    {
+        let mut st = tx
+            .prepare(
+                "SELECT key_id, model, status, prompt_tokens, completion_tokens, cost_pusd, \
+                 started_at_ms FROM usage",
+            )
+            .map_err(db_err)?;
+        let mut rows = st.query([]).map_err(db_err)?;
+        while let Some(r) = rows.next().map_err(db_err)? {
+            let cell = (
+                day_of_ms(r.get(6).map_err(db_err)?),
+                r.get(0).map_err(db_err)?,
+                r.get(1).map_err(db_err)?,
+            );
+            let d = Daily::of_request(
+                r.get(2).map_err(db_err)?,
+                r.get(3).map_err(db_err)?,
+                r.get(4).map_err(db_err)?,
+                r.get(5).map_err(db_err)?,
+            );
+            cells.entry(cell).or_default().add(&d);
+        }
+    }
+    add_daily(tx, &cells)
+}
 
 /// SQLite-backed [`Store`].
 pub struct SqliteStore {
@@ -134,6 +273,34 @@ impl SqliteStore {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Applies the migrations up to `target` (all of them from [`Store::migrate`];
+    /// fewer in tests of the upgrade path).
+    async fn migrate_to(&self, target: usize) -> Result<(), StoreError> {
+        self.with(move |c| {
+            let tx = c
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(db_err)?;
+            let done: i64 = tx
+                .pragma_query_value(None, "user_version", |r| r.get(0))
+                .map_err(db_err)?;
+            for (i, m) in MIGRATIONS
+                .iter()
+                .enumerate()
+                .take(target)
+                .skip(done.max(0) as usize)
+            {
+                match m {
+                    Migration::Sql(sql) => tx.execute_batch(sql).map_err(db_err)?,
+                    Migration::Code(f) => f(&tx)?,
+                }
+                tx.pragma_update(None, "user_version", (i + 1) as i64)
+                    .map_err(db_err)?;
+            }
+            tx.commit().map_err(db_err)
+        })
+        .await
     }
 
     async fn with<T, F>(&self, f: F) -> Result<T, StoreError>
@@ -256,8 +423,71 @@ fn select_key(c: &Connection, id: &str) -> Result<Option<KeyRecord>, StoreError>
         .map_err(db_err)
 }
 
+/// The rollup column a report groups by (`d` = usage_daily, `k` = api_keys).
+fn group_column(g: GroupBy) -> &'static str {
+    match g {
+        GroupBy::Day => "d.day",
+        GroupBy::Model => "d.model",
+        GroupBy::Key => "d.key_id",
+        GroupBy::Owner => "k.owner",
+        GroupBy::Project => "k.project",
+    }
+}
+
 /// Rows per `touch_keys` statement (two parameters each, far below SQLite's limit).
 const TOUCH_CHUNK: usize = 400;
+
+/// Inserts the rows whose `request_id` is new; returns what they add to the
+/// rollup. Only rows actually inserted count, so a replayed batch adds nothing.
+fn insert_usage_rows(tx: &Connection, rows: &[UsageRecord]) -> Result<DailyCells, StoreError> {
+    let mut cells = DailyCells::new();
+    let mut st = tx
+        .prepare_cached(&format!(
+            "INSERT OR IGNORE INTO usage ({USAGE_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+        ))
+        .map_err(db_err)?;
+    for r in rows {
+        let inserted = st
+            .execute(params![
+                r.request_id,
+                r.key_id,
+                r.model,
+                r.provider,
+                r.endpoint,
+                to_i64(r.prompt_tokens),
+                to_i64(r.cached_prompt_tokens),
+                to_i64(r.completion_tokens),
+                r.cost_pusd,
+                r.input_price_micros,
+                r.output_price_micros,
+                r.status as i64,
+                r.stream as i64,
+                r.token_source.as_str(),
+                r.started_at_ms,
+                to_i64(r.latency_ms),
+                r.ttfb_ms.map(to_i64),
+                r.error,
+            ])
+            .map_err(db_err)?;
+        if inserted == 1 {
+            let d = Daily::of_request(
+                i64::from(r.status),
+                to_i64(r.prompt_tokens),
+                to_i64(r.completion_tokens),
+                r.cost_pusd,
+            );
+            cells
+                .entry((
+                    day_of_ms(r.started_at_ms),
+                    r.key_id.clone(),
+                    r.model.clone(),
+                ))
+                .or_default()
+                .add(&d);
+        }
+    }
+    Ok(cells)
+}
 
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
@@ -266,23 +496,7 @@ fn to_i64(v: u64) -> i64 {
 #[async_trait]
 impl Store for SqliteStore {
     async fn migrate(&self) -> Result<(), StoreError> {
-        self.with(|c| {
-            let tx = c
-                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-                .map_err(db_err)?;
-            let done: i64 = tx
-                .pragma_query_value(None, "user_version", |r| r.get(0))
-                .map_err(db_err)?;
-            for (i, m) in MIGRATIONS.iter().enumerate().skip(done.max(0) as usize) {
-                match m {
-                    Migration::Sql(sql) => tx.execute_batch(sql).map_err(db_err)?,
-                }
-                tx.pragma_update(None, "user_version", (i + 1) as i64)
-                    .map_err(db_err)?;
-            }
-            tx.commit().map_err(db_err)
-        })
-        .await
+        self.migrate_to(MIGRATIONS.len()).await
     }
 
     async fn insert_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
@@ -381,36 +595,8 @@ impl Store for SqliteStore {
             let tx = c
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
                 .map_err(db_err)?;
-            {
-                let mut st = tx
-                    .prepare_cached(&format!(
-                        "INSERT OR IGNORE INTO usage ({USAGE_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
-                    ))
-                    .map_err(db_err)?;
-                for r in &rows {
-                    st.execute(params![
-                        r.request_id,
-                        r.key_id,
-                        r.model,
-                        r.provider,
-                        r.endpoint,
-                        to_i64(r.prompt_tokens),
-                        to_i64(r.cached_prompt_tokens),
-                        to_i64(r.completion_tokens),
-                        r.cost_pusd,
-                        r.input_price_micros,
-                        r.output_price_micros,
-                        r.status as i64,
-                        r.stream as i64,
-                        r.token_source.as_str(),
-                        r.started_at_ms,
-                        to_i64(r.latency_ms),
-                        r.ttfb_ms.map(to_i64),
-                        r.error,
-                    ])
-                    .map_err(db_err)?;
-                }
-            }
+            let cells = insert_usage_rows(&tx, &rows)?;
+            add_daily(&tx, &cells)?;
             tx.commit().map_err(db_err)
         })
         .await
@@ -701,5 +887,97 @@ impl Store for SqliteStore {
             entries,
             next_cursor,
         })
+    }
+
+    async fn usage_rollup(&self, q: &RollupQuery) -> Result<Vec<RollupRow>, StoreError> {
+        let w = sql::rollup_filter(Dialect::Sqlite, q);
+        let group = group_column(q.group_by);
+        // SQLite's SUM cannot exceed i64 (it errors), so cells are summed here, in
+        // i128 and saturating u64: still O(days x keys x models) rollup rows.
+        let sql = format!(
+            "SELECT {group}, d.requests, d.ok_requests, d.prompt_tokens, d.completion_tokens, \
+             d.cost_pusd FROM usage_daily d LEFT JOIN api_keys k ON k.id = d.key_id{}",
+            w.sql()
+        );
+        let args = sql_values(w.args);
+        self.with(move |c| {
+            let mut groups: BTreeMap<Option<String>, RollupRow> = BTreeMap::new();
+            let mut st = c.prepare(&sql).map_err(db_err)?;
+            let mut rows = st.query(rusqlite::params_from_iter(args)).map_err(db_err)?;
+            while let Some(r) = rows.next().map_err(db_err)? {
+                let g: Option<String> = r.get(0).map_err(db_err)?;
+                let n = |i: usize| r.get::<_, i64>(i).map(|v| v.max(0) as u64);
+                let cost: String = r.get(5).map_err(db_err)?;
+                let cost: i128 = cost
+                    .parse()
+                    .map_err(|_| StoreError::Database(format!("usage_daily: bad cost {cost:?}")))?;
+                let row = groups.entry(g.clone()).or_insert_with(|| RollupRow {
+                    group: g,
+                    requests: 0,
+                    ok_requests: 0,
+                    failed: 0,
+                    prompt_tokens: 0,
+                    completion_tokens: 0,
+                    cost_pusd: 0,
+                });
+                row.requests = row.requests.saturating_add(n(1).map_err(db_err)?);
+                row.ok_requests = row.ok_requests.saturating_add(n(2).map_err(db_err)?);
+                row.prompt_tokens = row.prompt_tokens.saturating_add(n(3).map_err(db_err)?);
+                row.completion_tokens = row.completion_tokens.saturating_add(n(4).map_err(db_err)?);
+                row.cost_pusd = row.cost_pusd.saturating_add(cost);
+            }
+            Ok(groups
+                .into_values()
+                .map(|mut r| {
+                    r.failed = r.requests.saturating_sub(r.ok_requests);
+                    r
+                })
+                .collect())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use crate::store::conformance::{rollup_fixture, rollup_model, rollup_queries};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn migration_backfills_the_rollup_from_older_usage_rows() {
+        let store = SqliteStore::open(Path::new(":memory:")).unwrap();
+        // The schema as the build before the rollup left it, with its usage rows.
+        store.migrate_to(3).await.unwrap();
+        let (keys, rows) = rollup_fixture();
+        for k in &keys {
+            store.insert_key(k).await.unwrap();
+        }
+        let old = rows.clone();
+        store
+            .with(move |c| {
+                let tx = c.transaction().map_err(db_err)?;
+                insert_usage_rows(&tx, &old)?;
+                tx.commit().map_err(db_err)
+            })
+            .await
+            .unwrap();
+        assert!(store.usage_rollup(&RollupQuery::default()).await.is_err());
+
+        store.migrate().await.unwrap();
+        for q in rollup_queries() {
+            assert_eq!(
+                store.usage_rollup(&q).await.unwrap(),
+                rollup_model(&rows, &keys, &q),
+                "{q:?}"
+            );
+        }
+        // A replay of the old rows after the upgrade adds nothing.
+        store.insert_usage(&rows).await.unwrap();
+        let q = RollupQuery::default();
+        assert_eq!(
+            store.usage_rollup(&q).await.unwrap(),
+            rollup_model(&rows, &keys, &q)
+        );
     }
 }

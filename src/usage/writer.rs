@@ -370,7 +370,8 @@ mod tests {
     use crate::keys::KeyRecord;
     use crate::store::sqlite::SqliteStore;
     use crate::store::{
-        AuditEntry, AuditPage, AuditQuery, KeyFilter, KeyPage, KeyPatch, ReportRow, UsageQuery,
+        AuditEntry, AuditPage, AuditQuery, KeyFilter, KeyPage, KeyPatch, ReportRow, RollupQuery,
+        RollupRow, UsageQuery,
     };
     use crate::usage::TokenSource;
 
@@ -453,6 +454,9 @@ mod tests {
             cursor: Option<&str>,
         ) -> Result<AuditPage, StoreError> {
             self.inner.list_audit(q, limit, cursor).await
+        }
+        async fn usage_rollup(&self, q: &RollupQuery) -> Result<Vec<RollupRow>, StoreError> {
+            self.inner.usage_rollup(q).await
         }
     }
 
