@@ -52,17 +52,13 @@ fn keys(c: &mut Criterion) {
         store.migrate().await.unwrap();
         store
             .insert_key(&KeyRecord {
-                id: new_key.id.clone(),
                 name: Some("bench".into()),
-                owner: None,
-                project: None,
-                tier: "free".into(),
-                models: Vec::new(),
-                created_at_ms: NOW_MS - 1000,
-                expires_at_ms: None,
-                revoked_at_ms: None,
-                secret_hash: new_key.secret_hash,
-                rev: 0,
+                ..KeyRecord::new(
+                    new_key.id.clone(),
+                    "free".into(),
+                    new_key.secret_hash,
+                    NOW_MS - 1000,
+                )
             })
             .await
             .unwrap();

@@ -254,17 +254,12 @@ async fn keys_cmd(cmd: KeysCmd) -> Result<(), String> {
             };
             let new = keys::generate().map_err(|e| format!("no randomness available: {e}"))?;
             let rec = KeyRecord {
-                id: new.id.clone(),
                 name,
                 owner,
                 project,
-                tier,
                 models,
-                created_at_ms: now,
                 expires_at_ms,
-                revoked_at_ms: None,
-                secret_hash: new.secret_hash,
-                rev: 0,
+                ..KeyRecord::new(new.id.clone(), tier, new.secret_hash, now)
             };
             let store = open_store(&config).await?;
             store.insert_key(&rec).await.map_err(|e| e.to_string())?;

@@ -28,7 +28,7 @@ use parking_lot::{Mutex, RwLock};
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
-use super::{hash_secret, hashes_equal, parse, FormatError, KeyRecord, KeyStatus};
+use super::{hash_secret, parse, FormatError, KeyRecord, KeyStatus};
 use crate::store::{Store, StoreError};
 
 /// Why a presented key was refused.
@@ -142,7 +142,8 @@ impl KeyCache {
             None => self.load(parsed.id).await?,
         };
         let rec = &entry.record;
-        if !hashes_equal(&hash_secret(parsed.id, parsed.secret), &rec.secret_hash) {
+        // The secret a rotation replaced still opens the key until its grace ends.
+        if !rec.secret_matches(&hash_secret(parsed.id, parsed.secret), now_ms) {
             return Err(AuthError::Unknown);
         }
         match rec.status(now_ms) {
@@ -282,5 +283,57 @@ mod tests {
         assert_eq!(bearer_token(Some(b"Bearer ")), None);
         assert_eq!(bearer_token(Some(b"\xff\xfe")), None);
         assert_eq!(bearer_token(None), None);
+    }
+
+    /// A key record whose current secret is `new` and whose replaced secret is `old`.
+    fn rotated(
+        new: &super::super::NewKey,
+        old: &super::super::NewKey,
+        grace: Option<i64>,
+    ) -> KeyRecord {
+        KeyRecord {
+            previous_secret_hash: Some(old.secret_hash),
+            previous_valid_until_ms: grace,
+            ..KeyRecord::new(new.id.clone(), "free".into(), new.secret_hash, 0)
+        }
+    }
+
+    #[tokio::test]
+    async fn rotation_grace_decides_whether_the_old_secret_opens_the_key() {
+        use crate::store::sqlite::SqliteStore;
+
+        let old = super::super::generate().unwrap();
+        // The new secret keeps the key's id: rotation never changes it.
+        let secret = super::super::random_base62(super::super::SECRET_LEN).unwrap();
+        let head = format!("{}{}_{secret}", super::super::KEY_PREFIX, old.id);
+        let new = super::super::NewKey {
+            id: old.id.clone(),
+            key: format!("{head}{}", super::super::checksum(&head)),
+            secret_hash: hash_secret(&old.id, &secret),
+        };
+        let store = SqliteStore::open(std::path::Path::new(":memory:")).unwrap();
+        store.migrate().await.unwrap();
+        store
+            .insert_key(&rotated(&new, &old, Some(10_000)))
+            .await
+            .unwrap();
+        let cache = KeyCache::new(Arc::new(store), Duration::from_secs(60));
+        cache.prime().await.unwrap();
+
+        let auth = |key: &str, now: i64| {
+            let header = format!("Bearer {key}");
+            let cache = &cache;
+            async move {
+                cache
+                    .authenticate(Some(header.as_bytes()), now)
+                    .await
+                    .map(|e| e.record.id.clone())
+            }
+        };
+        assert_eq!(auth(&new.key, 0).await, Ok(old.id.clone()));
+        assert_eq!(auth(&new.key, 20_000).await, Ok(old.id.clone()));
+        assert_eq!(auth(&old.key, 9_999).await, Ok(old.id.clone()));
+        assert_eq!(auth(&old.key, 10_000).await, Err(AuthError::Unknown));
+        assert_eq!(auth(&old.key, 50_000).await, Err(AuthError::Unknown));
     }
 }

@@ -14,7 +14,10 @@
 
 pub mod cache;
 
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+use crate::config::UsdAmount;
 
 /// The fixed prefix of every key this gateway issues.
 pub const KEY_PREFIX: &str = "a4f_";
@@ -166,10 +169,77 @@ fn checksum(head: &str) -> String {
     out.iter().map(|&b| b as char).collect()
 }
 
-/// A key as the stores keep it. `secret_hash` is the only trace of the secret.
+/// Free-form key metadata: a JSON object, `{}` by default.
+pub type Metadata = serde_json::Map<String, serde_json::Value>;
+
+/// Per-key overrides of the tier's limits (`config::Tier`). `None` means "the tier
+/// decides"; a value replaces the tier's for this key only. Stored as a JSON object
+/// whose absent fields are `None`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KeyLimits {
+    /// Overrides `requests_per_second`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requests_per_second: Option<u32>,
+    /// Overrides `requests_per_minute`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requests_per_minute: Option<u32>,
+    /// Overrides `requests_per_hour`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requests_per_hour: Option<u32>,
+    /// Overrides `requests_per_day`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requests_per_day: Option<u32>,
+    /// Overrides `tokens_per_minute`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_per_minute: Option<u64>,
+    /// Overrides `tokens_per_day`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_per_day: Option<u64>,
+    /// Overrides `max_concurrent`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<u32>,
+    /// Overrides `default_max_tokens`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_max_tokens: Option<u32>,
+    /// Overrides `spend_usd_per_day` (stored as micro-USD).
+    #[serde(with = "usd_micros", skip_serializing_if = "Option::is_none")]
+    pub spend_usd_per_day: Option<UsdAmount>,
+    /// Overrides `spend_usd_per_month` (stored as micro-USD).
+    #[serde(with = "usd_micros", skip_serializing_if = "Option::is_none")]
+    pub spend_usd_per_month: Option<UsdAmount>,
+}
+
+/// `Option<UsdAmount>` as an integer count of micro-USD, exact (never a float).
+mod usd_micros {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::config::UsdAmount;
+
+    pub fn serialize<S: Serializer>(v: &Option<UsdAmount>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(a) => s.serialize_u64(a.micros),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<UsdAmount>, D::Error> {
+        Ok(Option::<u64>::deserialize(d)?.map(|micros| UsdAmount { micros }))
+    }
+}
+
+impl KeyLimits {
+    /// Whether no limit is overridden.
+    pub fn is_empty(&self) -> bool {
+        *self == KeyLimits::default()
+    }
+}
+
+/// A key as the stores keep it. `secret_hash` (and `previous_secret_hash` during a
+/// rotation's grace period) is the only trace of the secret.
 #[derive(Clone, PartialEq, Eq)]
 pub struct KeyRecord {
-    /// Public, permanent id.
+    /// Public, permanent id (survives rotation).
     pub id: String,
     /// Human-friendly label.
     pub name: Option<String>,
@@ -181,20 +251,32 @@ pub struct KeyRecord {
     pub tier: String,
     /// Allowed models; empty means every configured model.
     pub models: Vec<String>,
+    /// Free-form JSON object attached by the operator.
+    pub metadata: Metadata,
+    /// Per-key overrides of the tier's limits.
+    pub limits: KeyLimits,
     /// Creation time, Unix milliseconds.
     pub created_at_ms: i64,
     /// Expiry time, Unix milliseconds.
     pub expires_at_ms: Option<i64>,
     /// Revocation time, Unix milliseconds.
     pub revoked_at_ms: Option<i64>,
+    /// Last time the key was used, Unix ms; updated lazily in batches, so it may lag.
+    pub last_used_at_ms: Option<i64>,
     /// SHA-256 of the secret (see [`hash_secret`]).
     pub secret_hash: [u8; 32],
+    /// The hash the last rotation replaced; accepted while `now <
+    /// previous_valid_until_ms` (see [`KeyRecord::secret_matches`]).
+    pub previous_secret_hash: Option<[u8; 32]>,
+    /// End of the previous secret's grace period, Unix ms (None = no grace).
+    pub previous_valid_until_ms: Option<i64>,
     /// Monotonic change counter assigned by the store; lets nodes poll for changes.
     pub rev: i64,
 }
 
 impl std::fmt::Debug for KeyRecord {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // No hashes: a Debug print must not help anyone match a leaked secret.
         f.debug_struct("KeyRecord")
             .field("id", &self.id)
             .field("name", &self.name)
@@ -202,9 +284,13 @@ impl std::fmt::Debug for KeyRecord {
             .field("project", &self.project)
             .field("tier", &self.tier)
             .field("models", &self.models)
+            .field("metadata", &self.metadata)
+            .field("limits", &self.limits)
             .field("created_at_ms", &self.created_at_ms)
             .field("expires_at_ms", &self.expires_at_ms)
             .field("revoked_at_ms", &self.revoked_at_ms)
+            .field("last_used_at_ms", &self.last_used_at_ms)
+            .field("previous_valid_until_ms", &self.previous_valid_until_ms)
             .field("rev", &self.rev)
             .finish_non_exhaustive()
     }
@@ -219,6 +305,16 @@ pub enum KeyStatus {
 }
 
 impl KeyStatus {
+    /// Parses the lower-case name (`active`, `revoked`, `expired`).
+    pub fn parse(s: &str) -> Option<KeyStatus> {
+        match s {
+            "active" => Some(KeyStatus::Active),
+            "revoked" => Some(KeyStatus::Revoked),
+            "expired" => Some(KeyStatus::Expired),
+            _ => None,
+        }
+    }
+
     /// Lower-case name used in the CLI and the API.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -230,6 +326,44 @@ impl KeyStatus {
 }
 
 impl KeyRecord {
+    /// A new, unrevoked key with no name, owner, project, model list, metadata or
+    /// limit overrides; set those with struct update syntax.
+    pub fn new(id: String, tier: String, secret_hash: [u8; 32], created_at_ms: i64) -> KeyRecord {
+        KeyRecord {
+            id,
+            name: None,
+            owner: None,
+            project: None,
+            tier,
+            models: Vec::new(),
+            metadata: Metadata::new(),
+            limits: KeyLimits::default(),
+            created_at_ms,
+            expires_at_ms: None,
+            revoked_at_ms: None,
+            last_used_at_ms: None,
+            secret_hash,
+            previous_secret_hash: None,
+            previous_valid_until_ms: None,
+            rev: 0,
+        }
+    }
+
+    /// Whether `presented` (the hash of a presented secret) opens this key at `now_ms`:
+    /// the current secret always, the one a rotation replaced only while `now_ms <
+    /// previous_valid_until_ms`. Both comparisons always run, in constant time, so
+    /// timing shows neither which hash matched nor whether a grace period is open.
+    pub fn secret_matches(&self, presented: &[u8; 32], now_ms: i64) -> bool {
+        let current = hashes_equal(presented, &self.secret_hash);
+        let previous = self
+            .previous_secret_hash
+            .as_ref()
+            .map(|h| hashes_equal(presented, h))
+            .unwrap_or(false);
+        let in_grace = self.previous_valid_until_ms.is_some_and(|t| now_ms < t);
+        current | (previous & in_grace)
+    }
+
     /// The key's state at `now_ms`. Revocation wins over expiry.
     pub fn status(&self, now_ms: i64) -> KeyStatus {
         if self.revoked_at_ms.is_some_and(|t| t <= now_ms) {
@@ -305,17 +439,9 @@ mod tests {
     #[test]
     fn status_and_models() {
         let mut r = KeyRecord {
-            id: "x".into(),
-            name: None,
-            owner: None,
-            project: None,
-            tier: "free".into(),
-            models: vec![],
-            created_at_ms: 0,
             expires_at_ms: Some(100),
-            revoked_at_ms: None,
-            secret_hash: [0; 32],
             rev: 1,
+            ..KeyRecord::new("x".into(), "free".into(), [0; 32], 0)
         };
         assert_eq!(r.status(99), KeyStatus::Active);
         assert_eq!(r.status(100), KeyStatus::Expired);
@@ -325,5 +451,70 @@ mod tests {
         r.models = vec!["p/a".into()];
         assert!(r.allows_model("a", "p/a"));
         assert!(!r.allows_model("b", "p/b"));
+    }
+
+    #[test]
+    fn previous_secret_opens_the_key_only_within_its_grace() {
+        let old = hash_secret("id", "old-secret");
+        let new = hash_secret("id", "new-secret");
+        let other = hash_secret("id", "someone-else");
+        let mut r = KeyRecord {
+            previous_secret_hash: Some(old),
+            previous_valid_until_ms: Some(1_000),
+            ..KeyRecord::new("id".into(), "free".into(), new, 0)
+        };
+        assert!(r.secret_matches(&new, 0));
+        assert!(r.secret_matches(&new, i64::MAX));
+        assert!(r.secret_matches(&old, 999));
+        assert!(!r.secret_matches(&old, 1_000), "grace ends at its instant");
+        assert!(!r.secret_matches(&old, 5_000));
+        assert!(!r.secret_matches(&other, 0));
+        // A rotation without grace keeps the hash but never accepts it.
+        r.previous_valid_until_ms = None;
+        assert!(!r.secret_matches(&old, 0));
+        assert!(!r.secret_matches(&old, i64::MIN));
+        r.previous_secret_hash = None;
+        r.previous_valid_until_ms = Some(i64::MAX);
+        assert!(!r.secret_matches(&old, 0));
+        assert!(r.secret_matches(&new, 0));
+    }
+
+    #[test]
+    fn debug_shows_no_hash() {
+        let r = KeyRecord {
+            previous_secret_hash: Some([0xcd; 32]),
+            ..KeyRecord::new("id".into(), "free".into(), [0xab; 32], 0)
+        };
+        let text = format!("{r:?}");
+        assert!(!text.contains("secret_hash"), "{text}");
+        assert!(!text.contains("171") && !text.contains("205"), "{text}");
+    }
+
+    #[test]
+    fn limits_serialize_sparse_and_exact() {
+        assert_eq!(serde_json::to_string(&KeyLimits::default()).unwrap(), "{}");
+        assert!(KeyLimits::default().is_empty());
+        let l = KeyLimits {
+            requests_per_minute: Some(60),
+            tokens_per_day: Some(u64::MAX),
+            spend_usd_per_month: Some(UsdAmount { micros: 12_345_678 }),
+            ..KeyLimits::default()
+        };
+        let text = serde_json::to_string(&l).unwrap();
+        assert_eq!(
+            text,
+            r#"{"requests_per_minute":60,"tokens_per_day":18446744073709551615,"spend_usd_per_month":12345678}"#
+        );
+        assert_eq!(serde_json::from_str::<KeyLimits>(&text).unwrap(), l);
+        assert!(serde_json::from_str::<KeyLimits>(r#"{"rpm":1}"#).is_err());
+        assert!(serde_json::from_str::<KeyLimits>(r#"{"spend_usd_per_day":-1}"#).is_err());
+    }
+
+    #[test]
+    fn status_names_round_trip() {
+        for s in [KeyStatus::Active, KeyStatus::Revoked, KeyStatus::Expired] {
+            assert_eq!(KeyStatus::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(KeyStatus::parse("Active"), None);
     }
 }

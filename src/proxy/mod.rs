@@ -169,19 +169,12 @@ impl Gateway {
     ) -> Gateway {
         let bench_key = config.ablate.auth.then(|| {
             Arc::new(KeyEntry {
-                record: crate::keys::KeyRecord {
-                    id: "bench-ablate-auth".into(),
-                    name: None,
-                    owner: None,
-                    project: None,
-                    tier: config.tiers.keys().next().cloned().unwrap_or_default(),
-                    models: Vec::new(),
-                    created_at_ms: 0,
-                    expires_at_ms: None,
-                    revoked_at_ms: None,
-                    secret_hash: [0; 32],
-                    rev: 0,
-                },
+                record: crate::keys::KeyRecord::new(
+                    "bench-ablate-auth".into(),
+                    config.tiers.keys().next().cloned().unwrap_or_default(),
+                    [0; 32],
+                    0,
+                ),
             })
         });
         for name in config.ablate.names() {

@@ -14,9 +14,12 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use super::{open, ReportRow, Store, StoreError, UsageQuery};
-use crate::config::Storage;
-use crate::keys::KeyRecord;
+use super::{
+    day_of_ms, open, AuditEntry, AuditQuery, GroupBy, KeyFilter, KeyPatch, KeyStatusFilter,
+    ReportRow, RollupQuery, RollupRow, Store, StoreError, UsageQuery,
+};
+use crate::config::{Storage, UsdAmount};
+use crate::keys::{KeyLimits, KeyRecord};
 use crate::usage::{TokenSource, UsageRecord};
 
 // === test databases ===
@@ -130,6 +133,14 @@ conformance!(
     usage_query_filters,
     usage_report_sums_exactly,
     optional_fields_and_odd_text_round_trip,
+    update_key_patches_and_feeds_the_change,
+    rotate_key_keeps_the_old_hash_with_its_grace,
+    touch_keys_never_moves_backwards_nor_bumps_rev,
+    find_keys_filters,
+    find_keys_pages_never_skip_or_repeat,
+    find_keys_name_prefix_is_literal,
+    audit_round_trip_and_paging,
+    rollup_equals_a_direct_aggregation,
 );
 
 // === builders ===
@@ -144,19 +155,7 @@ pub(super) fn key(id: &str, created_at_ms: i64) -> KeyRecord {
     {
         secret_hash[i] = b ^ (i as u8);
     }
-    KeyRecord {
-        id: id.to_owned(),
-        name: None,
-        owner: None,
-        project: None,
-        tier: "free".to_owned(),
-        models: Vec::new(),
-        created_at_ms,
-        expires_at_ms: None,
-        revoked_at_ms: None,
-        secret_hash,
-        rev: 0,
-    }
+    KeyRecord::new(id.to_owned(), "free".to_owned(), secret_hash, created_at_ms)
 }
 
 pub(super) fn usage(request_id: &str, key_id: &str, started_at_ms: i64) -> UsageRecord {
@@ -231,8 +230,27 @@ async fn keys_round_trip(store: Arc<dyn Store>) {
             "openai/gpt-4o-mini".to_owned(),
             "模型".to_owned(),
         ],
+        metadata: serde_json::json!({
+            "team": "Zoë's",
+            "n": 12,
+            "nested": {"list": [1, "two", null, true], "big": u64::MAX},
+        })
+        .as_object()
+        .unwrap()
+        .clone(),
+        limits: KeyLimits {
+            requests_per_second: Some(3),
+            tokens_per_day: Some(u64::MAX),
+            default_max_tokens: Some(512),
+            spend_usd_per_day: Some(UsdAmount { micros: 1 }),
+            spend_usd_per_month: Some(UsdAmount { micros: u64::MAX }),
+            ..KeyLimits::default()
+        },
         expires_at_ms: Some(1_900_000_000_000),
         revoked_at_ms: Some(1_800_000_000_000),
+        last_used_at_ms: Some(1_750_000_000_000),
+        previous_secret_hash: Some([7; 32]),
+        previous_valid_until_ms: Some(1_760_000_000_000),
         ..key("a4f_full", 1_700_000_000_000)
     };
     let bare = key("a4f_bare", 1_600_000_000_000);
@@ -646,4 +664,653 @@ async fn optional_fields_and_odd_text_round_trip(store: Arc<dyn Store>) {
     store.insert_key(&k).await.unwrap();
     let got = store.get_key("odd").await.unwrap().unwrap();
     assert_eq!(got, with_rev(&k, got.rev));
+}
+
+async fn update_key_patches_and_feeds_the_change(store: Arc<dyn Store>) {
+    assert_eq!(
+        store
+            .update_key("nope", &KeyPatch::default())
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store.max_key_rev().await.unwrap(),
+        0,
+        "unknown id is no change"
+    );
+    let k = KeyRecord {
+        name: Some("old".into()),
+        owner: Some("alice".into()),
+        expires_at_ms: Some(5_000),
+        models: vec!["m1".into()],
+        ..key("k", 1)
+    };
+    store.insert_key(&k).await.unwrap();
+    let before = store.get_key("k").await.unwrap().unwrap();
+
+    let metadata = serde_json::json!({"team": "α", "n": [1, 2]})
+        .as_object()
+        .unwrap()
+        .clone();
+    let limits = KeyLimits {
+        requests_per_minute: Some(7),
+        spend_usd_per_day: Some(UsdAmount { micros: 3 }),
+        ..KeyLimits::default()
+    };
+    let patch = KeyPatch {
+        name: Some(Some("new".into())),
+        tier: Some("pro".into()),
+        expires_at_ms: Some(None),
+        models: Some(vec![]),
+        metadata: Some(metadata.clone()),
+        limits: Some(limits.clone()),
+    };
+    let got = store.update_key("k", &patch).await.unwrap().unwrap();
+    assert!(got.rev > before.rev);
+    let expected = KeyRecord {
+        name: Some("new".into()),
+        tier: "pro".into(),
+        expires_at_ms: None,
+        models: vec![],
+        metadata,
+        limits,
+        rev: got.rev,
+        ..before.clone()
+    };
+    assert_eq!(got, expected);
+    assert_eq!(store.get_key("k").await.unwrap().unwrap(), expected);
+    assert_eq!(
+        store.keys_changed_since(before.rev).await.unwrap(),
+        vec![expected.clone()]
+    );
+
+    // Untouched fields stay; clearing the name and setting an expiry.
+    let second = store
+        .update_key(
+            "k",
+            &KeyPatch {
+                name: Some(None),
+                expires_at_ms: Some(Some(9_000)),
+                ..KeyPatch::default()
+            },
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(second.rev > got.rev);
+    assert_eq!(
+        second,
+        KeyRecord {
+            name: None,
+            expires_at_ms: Some(9_000),
+            rev: second.rev,
+            ..expected
+        }
+    );
+    assert_eq!(second.owner.as_deref(), Some("alice"));
+    assert_eq!(store.max_key_rev().await.unwrap(), second.rev);
+}
+
+async fn rotate_key_keeps_the_old_hash_with_its_grace(store: Arc<dyn Store>) {
+    assert_eq!(
+        store.rotate_key("nope", &[1; 32], None).await.unwrap(),
+        None
+    );
+    let k = key("k", 1);
+    store.insert_key(&k).await.unwrap();
+    let before = store.get_key("k").await.unwrap().unwrap();
+
+    let first = store
+        .rotate_key("k", &[1; 32], Some(10_000))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.secret_hash, [1; 32]);
+    assert_eq!(first.previous_secret_hash, Some(k.secret_hash));
+    assert_eq!(first.previous_valid_until_ms, Some(10_000));
+    assert!(first.rev > before.rev);
+    assert_eq!(first.id, "k");
+    assert_eq!(
+        store.keys_changed_since(before.rev).await.unwrap(),
+        vec![first.clone()]
+    );
+    assert!(first.secret_matches(&k.secret_hash, 9_999));
+    assert!(!first.secret_matches(&k.secret_hash, 10_000));
+
+    // A second rotation without grace: the first secret is gone, the second is
+    // kept but refused at once.
+    let second = store
+        .rotate_key("k", &[2; 32], None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.secret_hash, [2; 32]);
+    assert_eq!(second.previous_secret_hash, Some([1; 32]));
+    assert_eq!(second.previous_valid_until_ms, None);
+    assert!(!second.secret_matches(&[1; 32], 0));
+    assert!(!second.secret_matches(&k.secret_hash, 0));
+    assert_eq!(store.get_key("k").await.unwrap().unwrap(), second);
+
+    assert!(store.revoke_key("k", 50).await.unwrap());
+    let revoked = store.get_key("k").await.unwrap().unwrap();
+    match store.rotate_key("k", &[3; 32], Some(99_999)).await {
+        Err(StoreError::Conflict(msg)) => assert!(msg.contains("revoked"), "{msg}"),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert_eq!(store.get_key("k").await.unwrap().unwrap(), revoked);
+    assert_eq!(store.max_key_rev().await.unwrap(), revoked.rev);
+}
+
+async fn touch_keys_never_moves_backwards_nor_bumps_rev(store: Arc<dyn Store>) {
+    store.touch_keys(&[]).await.unwrap();
+    for id in ["a", "b", "c"] {
+        store.insert_key(&key(id, 1)).await.unwrap();
+    }
+    let rev = store.max_key_rev().await.unwrap();
+    let used = |id: &str, at: i64| (id.to_owned(), at);
+    store
+        .touch_keys(&[
+            used("a", 100),
+            used("b", 50),
+            used("a", 70),
+            used("ghost", 1),
+        ])
+        .await
+        .unwrap();
+    store
+        .touch_keys(&[used("a", 90), used("b", 60), used("b", 40)])
+        .await
+        .unwrap();
+    let last = |k: Option<KeyRecord>| k.unwrap().last_used_at_ms;
+    assert_eq!(last(store.get_key("a").await.unwrap()), Some(100));
+    assert_eq!(last(store.get_key("b").await.unwrap()), Some(60));
+    assert_eq!(last(store.get_key("c").await.unwrap()), None);
+    assert_eq!(store.get_key("ghost").await.unwrap(), None);
+    assert_eq!(store.max_key_rev().await.unwrap(), rev);
+    assert!(store.keys_changed_since(rev).await.unwrap().is_empty());
+
+    // A batch larger than one statement's chunk in either store.
+    let many: Vec<(String, i64)> = (0..1_000).map(|i| used("c", i)).collect();
+    store.touch_keys(&many).await.unwrap();
+    assert_eq!(last(store.get_key("c").await.unwrap()), Some(999));
+}
+
+fn ids(keys: &[KeyRecord]) -> Vec<&str> {
+    keys.iter().map(|k| k.id.as_str()).collect()
+}
+
+async fn find_keys_filters(store: Arc<dyn Store>) {
+    let now = 10_000;
+    let records = [
+        KeyRecord {
+            owner: Some("alice".into()),
+            project: Some("p1".into()),
+            ..key("k1", 1)
+        },
+        KeyRecord {
+            owner: Some("alice".into()),
+            project: Some("p2".into()),
+            tier: "pro".into(),
+            revoked_at_ms: Some(now - 1),
+            ..key("k2", 2)
+        },
+        KeyRecord {
+            owner: Some("bob".into()),
+            project: Some("p1".into()),
+            expires_at_ms: Some(now),
+            ..key("k3", 3)
+        },
+        // Revoked and expired: revocation wins, as in KeyRecord::status.
+        KeyRecord {
+            owner: Some("bob".into()),
+            expires_at_ms: Some(now - 5),
+            revoked_at_ms: Some(now - 1),
+            ..key("k4", 4)
+        },
+        // Revocation and expiry in the future: still active now.
+        KeyRecord {
+            owner: Some("Alice".into()),
+            expires_at_ms: Some(now + 1),
+            revoked_at_ms: Some(now + 1),
+            tier: "pro".into(),
+            ..key("k5", 5)
+        },
+    ];
+    for r in &records {
+        store.insert_key(r).await.unwrap();
+    }
+    let base = KeyFilter {
+        now_ms: now,
+        ..KeyFilter::default()
+    };
+    let cases: Vec<(KeyFilter, Vec<&str>)> = vec![
+        (base.clone(), vec!["k1", "k2", "k3", "k4", "k5"]),
+        (
+            KeyFilter {
+                owner: Some("alice".into()),
+                ..base.clone()
+            },
+            vec!["k1", "k2"],
+        ),
+        (
+            KeyFilter {
+                project: Some("p1".into()),
+                ..base.clone()
+            },
+            vec!["k1", "k3"],
+        ),
+        (
+            KeyFilter {
+                tier: Some("pro".into()),
+                ..base.clone()
+            },
+            vec!["k2", "k5"],
+        ),
+        (
+            KeyFilter {
+                status: Some(KeyStatusFilter::Active),
+                ..base.clone()
+            },
+            vec!["k1", "k5"],
+        ),
+        (
+            KeyFilter {
+                status: Some(KeyStatusFilter::Revoked),
+                ..base.clone()
+            },
+            vec!["k2", "k4"],
+        ),
+        (
+            KeyFilter {
+                status: Some(KeyStatusFilter::Expired),
+                ..base.clone()
+            },
+            vec!["k3"],
+        ),
+        (
+            KeyFilter {
+                owner: Some("bob".into()),
+                status: Some(KeyStatusFilter::Expired),
+                ..base.clone()
+            },
+            vec!["k3"],
+        ),
+        (
+            KeyFilter {
+                owner: Some("carol".into()),
+                ..base.clone()
+            },
+            vec![],
+        ),
+    ];
+    for (f, expected) in cases {
+        let page = store.find_keys(&f, 100, None).await.unwrap();
+        assert_eq!(ids(&page.keys), expected, "{f:?}");
+        assert_eq!(page.next_cursor, None);
+        // The rule is KeyRecord::status, evaluated at now.
+        if let Some(s) = f.status {
+            assert!(page.keys.iter().all(|k| k.status(now) == s));
+        }
+    }
+    let k1 = store.get_key("k1").await.unwrap().unwrap();
+    let page = store.find_keys(&base, 1, None).await.unwrap();
+    assert_eq!(page.keys, vec![k1]);
+    match store.find_keys(&base, 10, Some("not-a-cursor")).await {
+        Err(StoreError::Invalid(_)) => {}
+        other => panic!("expected an invalid cursor error, got {other:?}"),
+    }
+}
+
+async fn find_keys_pages_never_skip_or_repeat(store: Arc<dyn Store>) {
+    // Ids differing in case: byte order puts every upper-case id first.
+    let mut all: Vec<String> = (0..25)
+        .map(|i| {
+            if i % 2 == 0 {
+                format!("key-{i:02}")
+            } else {
+                format!("KEY-{i:02}")
+            }
+        })
+        .collect();
+    for (i, id) in all.iter().enumerate() {
+        store.insert_key(&key(id, 100 - i as i64)).await.unwrap();
+    }
+    all.sort();
+    let f = KeyFilter::default();
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let page = store.find_keys(&f, 10, cursor.as_deref()).await.unwrap();
+        pages += 1;
+        assert!(page.keys.len() <= 10);
+        seen.extend(page.keys.iter().map(|k| k.id.clone()));
+        if pages == 1 {
+            // A key inserted behind the cursor mid-listing is not shown twice or
+            // shift the pages; one ahead of it shows up once.
+            store.insert_key(&key("AAA-behind", 0)).await.unwrap();
+            store.insert_key(&key("zzz-ahead", 0)).await.unwrap();
+        }
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    let mut expected = all.clone();
+    expected.push("zzz-ahead".into());
+    assert_eq!(seen, expected);
+    assert_eq!(pages, 3);
+    // An exact multiple of the page size ends without an empty page.
+    let page = store
+        .find_keys(&KeyFilter::default(), 27, None)
+        .await
+        .unwrap();
+    assert_eq!(page.keys.len(), 27);
+    assert_eq!(page.next_cursor, None);
+}
+
+async fn find_keys_name_prefix_is_literal(store: Arc<dyn Store>) {
+    let names = [
+        ("n1", Some("50%_off")),
+        ("n2", Some("50%_offer")),
+        ("n3", Some("50x_off")),
+        ("n4", Some("50%aoff")),
+        ("n5", Some("50%_OFF")),
+        ("n6", Some("a\\b")),
+        ("n7", Some("ab")),
+        ("n8", None),
+        ("n9", Some("Zoë's key")),
+    ];
+    for (id, name) in names {
+        let k = KeyRecord {
+            name: name.map(str::to_owned),
+            ..key(id, 1)
+        };
+        store.insert_key(&k).await.unwrap();
+    }
+    let find = |prefix: &str| {
+        let store = store.clone();
+        let f = KeyFilter {
+            name_prefix: Some(prefix.to_owned()),
+            ..KeyFilter::default()
+        };
+        async move {
+            let page = store.find_keys(&f, 100, None).await.unwrap();
+            page.keys.into_iter().map(|k| k.id).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(find("50%_off").await, ["n1", "n2"]);
+    assert_eq!(find("50%").await, ["n1", "n2", "n4", "n5"]);
+    assert_eq!(find("50%_").await, ["n1", "n2", "n5"]);
+    assert_eq!(find("a\\").await, ["n6"]);
+    assert_eq!(find("Zoë").await, ["n9"]);
+    assert_eq!(find("zoë").await, Vec::<String>::new());
+    assert_eq!(find("").await.len(), 8, "every named key");
+}
+
+async fn audit_round_trip_and_paging(store: Arc<dyn Store>) {
+    let empty = store
+        .list_audit(&AuditQuery::default(), 10, None)
+        .await
+        .unwrap();
+    assert!(empty.entries.is_empty() && empty.next_cursor.is_none());
+    let mut written = Vec::new();
+    for i in 0..23i64 {
+        let e = AuditEntry {
+            id: 0,
+            // Pairs share an instant: order falls back to the id.
+            at_ms: 1_000 + i / 2,
+            actor: if i % 3 == 0 { "cli" } else { "admin" }.to_owned(),
+            action: ["key.create", "key.rotate"][(i % 2) as usize].to_owned(),
+            target: (i != 5).then(|| format!("key-{}", i % 4)),
+            detail: serde_json::json!({"i": i, "note": "it's \"odd\" \u{0} 🚀", "fields": ["tier"]}),
+        };
+        let id = store.insert_audit(&e).await.unwrap();
+        written.push(AuditEntry { id, ..e });
+    }
+    assert!(written.windows(2).all(|w| w[0].id < w[1].id));
+    let newest_first: Vec<AuditEntry> = written.iter().rev().cloned().collect();
+
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = store
+            .list_audit(&AuditQuery::default(), 10, cursor.as_deref())
+            .await
+            .unwrap();
+        seen.extend(page.entries);
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(seen, newest_first);
+
+    let q = AuditQuery {
+        since_ms: Some(1_002),
+        until_ms: Some(1_010),
+        actor: Some("admin".into()),
+        action: Some("key.rotate".into()),
+        target: None,
+    };
+    let expected: Vec<AuditEntry> = newest_first
+        .iter()
+        .filter(|e| e.at_ms >= 1_002 && e.at_ms < 1_010)
+        .filter(|e| e.actor == "admin" && e.action == "key.rotate")
+        .cloned()
+        .collect();
+    assert!(expected.len() >= 3);
+    let page1 = store.list_audit(&q, 2, None).await.unwrap();
+    let page2 = store
+        .list_audit(&q, 100, page1.next_cursor.as_deref())
+        .await
+        .unwrap();
+    let mut got = page1.entries;
+    got.extend(page2.entries);
+    assert_eq!(got, expected);
+    assert_eq!(page2.next_cursor, None);
+    let by_target = store
+        .list_audit(
+            &AuditQuery {
+                target: Some("key-1".into()),
+                ..AuditQuery::default()
+            },
+            100,
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(!by_target.entries.is_empty());
+    assert!(by_target
+        .entries
+        .iter()
+        .all(|e| e.target.as_deref() == Some("key-1")));
+    assert!(matches!(
+        store
+            .list_audit(&AuditQuery::default(), 5, Some("k00"))
+            .await,
+        Err(StoreError::Invalid(_))
+    ));
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+/// Rollup totals computed in Rust from usage rows and key owners/projects.
+pub(super) fn rollup_model(
+    rows: &[UsageRecord],
+    keys: &[KeyRecord],
+    q: &RollupQuery,
+) -> Vec<RollupRow> {
+    let key = |id: &str| keys.iter().find(|k| k.id == id);
+    let mut groups: BTreeMap<Option<String>, RollupRow> = BTreeMap::new();
+    for r in rows {
+        let day = day_of_ms(r.started_at_ms);
+        let k = key(&r.key_id);
+        let owner = k.and_then(|k| k.owner.clone());
+        let project = k.and_then(|k| k.project.clone());
+        let keep = q.key_id.as_ref().is_none_or(|v| *v == r.key_id)
+            && q.model.as_ref().is_none_or(|v| *v == r.model)
+            && q.owner.as_ref().is_none_or(|v| Some(v) == owner.as_ref())
+            && q.project
+                .as_ref()
+                .is_none_or(|v| Some(v) == project.as_ref())
+            && q.since_day.as_ref().is_none_or(|v| day >= *v)
+            && q.until_day.as_ref().is_none_or(|v| day <= *v);
+        if !keep {
+            continue;
+        }
+        let g = match q.group_by {
+            GroupBy::Day => Some(day),
+            GroupBy::Model => Some(r.model.clone()),
+            GroupBy::Key => Some(r.key_id.clone()),
+            GroupBy::Owner => owner,
+            GroupBy::Project => project,
+        };
+        let row = groups.entry(g.clone()).or_insert(RollupRow {
+            group: g,
+            requests: 0,
+            ok_requests: 0,
+            failed: 0,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            cost_pusd: 0,
+        });
+        let ok = (200..300).contains(&r.status);
+        row.requests += 1;
+        row.ok_requests += u64::from(ok);
+        row.failed += u64::from(!ok);
+        row.prompt_tokens += r.prompt_tokens;
+        row.completion_tokens += r.completion_tokens;
+        row.cost_pusd += i128::from(r.cost_pusd);
+    }
+    groups.into_values().collect()
+}
+
+/// Keys and a usage history over several days, models and statuses, including
+/// costs whose sum passes i64::MAX and a key the store does not know.
+pub(super) fn rollup_fixture() -> (Vec<KeyRecord>, Vec<UsageRecord>) {
+    let keys = vec![
+        KeyRecord {
+            owner: Some("alice".into()),
+            project: Some("p1".into()),
+            ..key("ka", 1)
+        },
+        KeyRecord {
+            owner: Some("alice".into()),
+            project: Some("p2".into()),
+            ..key("kb", 1)
+        },
+        KeyRecord {
+            owner: Some("Bob".into()),
+            ..key("KC", 1)
+        },
+    ];
+    let statuses = [200u16, 500, 204, 429, 0, 299, 300];
+    let mut rows = Vec::new();
+    for i in 0..120i64 {
+        let mut r = usage(
+            &format!("roll-{i:03}"),
+            ["ka", "kb", "KC", "ghost"][(i % 4) as usize],
+            // Spread over five days, both sides of midnight, before the epoch too.
+            (i % 5 - 1) * DAY_MS + (i * 7_919_000) % DAY_MS,
+        );
+        r.model = ["gpt-4o", "Gpt-4o", "llama"][(i % 3) as usize].into();
+        r.status = statuses[(i % 7) as usize];
+        r.prompt_tokens = 100 + i as u64;
+        r.completion_tokens = 3 * i as u64;
+        r.cost_pusd = 1_000_003 * i - 7;
+        rows.push(r);
+    }
+    for (i, cost) in [i64::MAX - 7, i64::MAX / 3, i64::MAX]
+        .into_iter()
+        .enumerate()
+    {
+        let mut r = usage(&format!("big-{i}"), "ka", 2 * DAY_MS + i as i64);
+        r.cost_pusd = cost;
+        rows.push(r);
+    }
+    (keys, rows)
+}
+
+pub(super) fn rollup_queries() -> Vec<RollupQuery> {
+    let mut qs = Vec::new();
+    for g in [
+        GroupBy::Day,
+        GroupBy::Model,
+        GroupBy::Key,
+        GroupBy::Owner,
+        GroupBy::Project,
+    ] {
+        qs.push(RollupQuery {
+            group_by: g,
+            ..RollupQuery::default()
+        });
+        qs.push(RollupQuery {
+            group_by: g,
+            owner: Some("alice".into()),
+            since_day: Some(day_of_ms(0)),
+            until_day: Some(day_of_ms(2 * DAY_MS)),
+            ..RollupQuery::default()
+        });
+    }
+    qs.push(RollupQuery {
+        group_by: GroupBy::Day,
+        key_id: Some("kb".into()),
+        model: Some("llama".into()),
+        ..RollupQuery::default()
+    });
+    qs.push(RollupQuery {
+        group_by: GroupBy::Model,
+        project: Some("p1".into()),
+        ..RollupQuery::default()
+    });
+    qs.push(RollupQuery {
+        group_by: GroupBy::Key,
+        key_id: Some("nobody".into()),
+        ..RollupQuery::default()
+    });
+    qs
+}
+
+async fn rollup_equals_a_direct_aggregation(store: Arc<dyn Store>) {
+    let (keys, rows) = rollup_fixture();
+    for k in &keys {
+        store.insert_key(k).await.unwrap();
+    }
+    store.insert_usage(&rows[..70]).await.unwrap();
+    // Replays and duplicates: the overlap and the in-batch twin must not count twice.
+    store.insert_usage(&rows[..70]).await.unwrap();
+    store.insert_usage(&rows[50..]).await.unwrap();
+    let twin = [rows[3].clone(), rows[3].clone()];
+    store.insert_usage(&twin).await.unwrap();
+    for q in rollup_queries() {
+        assert_eq!(
+            store.usage_rollup(&q).await.unwrap(),
+            rollup_model(&rows, &keys, &q),
+            "{q:?}"
+        );
+    }
+    let by_day = store
+        .usage_rollup(&RollupQuery {
+            group_by: GroupBy::Day,
+            key_id: Some("ka".into()),
+            since_day: Some(day_of_ms(2 * DAY_MS)),
+            until_day: Some(day_of_ms(2 * DAY_MS)),
+            ..RollupQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(by_day.len(), 1);
+    assert!(by_day[0].cost_pusd > 2 * i128::from(i64::MAX));
+    // Groups order None first, then bytewise (upper case first).
+    let owners = store
+        .usage_rollup(&RollupQuery {
+            group_by: GroupBy::Owner,
+            ..RollupQuery::default()
+        })
+        .await
+        .unwrap();
+    let groups: Vec<Option<&str>> = owners.iter().map(|r| r.group.as_deref()).collect();
+    assert_eq!(groups, [None, Some("Bob"), Some("alice")]);
 }

@@ -36,13 +36,39 @@ use tokio::time::{timeout_at, Instant};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
-use super::{ReportRow, Store, StoreError, UsageQuery};
+use super::sql::{self, Dialect, SqlArg};
+use super::{
+    encode_key_cursor, AuditEntry, AuditPage, AuditQuery, GroupBy, KeyFilter, KeyPage, KeyPatch,
+    ReportRow, RollupQuery, RollupRow, Store, StoreError, UsageQuery,
+};
 use crate::keys::KeyRecord;
 use crate::usage::{TokenSource, UsageRecord};
 
+/// The UTC day (`YYYY-MM-DD`) of `started_at_ms`, as [`super::day_of_ms`] computes
+/// it (floor division, clamped to years 1..=9999). A macro so migrations can embed it.
+macro_rules! day_sql {
+    () => {
+        "to_char(DATE '1970-01-01' + LEAST(GREATEST(floor(started_at_ms::numeric / 86400000), \
+         -719162), 2932896)::int, 'YYYY-MM-DD')"
+    };
+}
+
+/// The rollup totals of a set of usage rows, grouped per cell (the select list of
+/// the rollup's writes).
+macro_rules! daily_select {
+    () => {
+        concat!(
+            day_sql!(),
+            ", key_id, model, count(*), count(*) FILTER (WHERE status BETWEEN 200 AND 299), \
+             sum(prompt_tokens), sum(completion_tokens), sum(cost_pusd)"
+        )
+    };
+}
+
 /// Schema migrations, applied in order; `ai4free_schema_migrations` records each
 /// applied version (1-based index into this list).
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE api_keys (
     id            TEXT PRIMARY KEY,
     name          TEXT,
@@ -84,7 +110,54 @@ CREATE TABLE usage (
 );
 CREATE INDEX usage_started ON usage(started_at_ms);
 CREATE INDEX usage_key_started ON usage(key_id, started_at_ms);
-"#];
+"#,
+    // 2: the key lifecycle (metadata, limit overrides, last use, rotation).
+    r#"
+ALTER TABLE api_keys ADD COLUMN metadata JSONB NOT NULL DEFAULT '{}';
+ALTER TABLE api_keys ADD COLUMN limits JSONB NOT NULL DEFAULT '{}';
+ALTER TABLE api_keys ADD COLUMN last_used_at_ms BIGINT;
+ALTER TABLE api_keys ADD COLUMN previous_secret_hash BYTEA;
+ALTER TABLE api_keys ADD COLUMN previous_valid_until_ms BIGINT;
+CREATE INDEX api_keys_owner ON api_keys(owner, id COLLATE "C");
+CREATE INDEX api_keys_project ON api_keys(project, id COLLATE "C");
+CREATE INDEX api_keys_id_c ON api_keys(id COLLATE "C");
+"#,
+    // 3: the audit log of admin actions. `detail` is JSON (not JSONB): kept
+    // verbatim, and a `\u0000` in it cannot make an action's record fail.
+    r#"
+CREATE TABLE audit_log (
+    id     BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at_ms  BIGINT NOT NULL,
+    actor  TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT,
+    detail JSON NOT NULL DEFAULT '{}'
+);
+CREATE INDEX audit_log_at ON audit_log(at_ms, id);
+"#,
+    // 4: the daily usage rollup (NUMERIC sums: exact at any size), filled from the
+    // usage rows written before it existed.
+    concat!(
+        r#"
+CREATE TABLE usage_daily (
+    day               TEXT NOT NULL,
+    key_id            TEXT NOT NULL,
+    model             TEXT NOT NULL,
+    requests          BIGINT NOT NULL,
+    ok_requests       BIGINT NOT NULL,
+    prompt_tokens     NUMERIC NOT NULL,
+    completion_tokens NUMERIC NOT NULL,
+    cost_pusd         NUMERIC NOT NULL,
+    PRIMARY KEY (day, key_id, model)
+);
+CREATE INDEX usage_daily_key ON usage_daily(key_id, day);
+INSERT INTO usage_daily (day, key_id, model, requests, ok_requests, prompt_tokens,
+    completion_tokens, cost_pusd)
+SELECT "#,
+        daily_select!(),
+        " FROM usage GROUP BY 1, 2, 3;\n"
+    ),
+];
 
 /// Key of the transaction-scoped advisory lock migrations run under ("ai4free\0").
 const MIGRATION_LOCK: i64 = 0x6169_3466_7265_6500;
@@ -253,18 +326,15 @@ macro_rules! call {
     }};
 }
 
-const KEY_COLS: &str = "id, name, owner, project, tier, models, created_at_ms, expires_at_ms, revoked_at_ms, secret_hash, rev";
+const KEY_COLS: &str = "id, name, owner, project, tier, models, created_at_ms, expires_at_ms, revoked_at_ms, secret_hash, rev, metadata, limits, last_used_at_ms, previous_secret_hash, previous_valid_until_ms";
 
-/// The select list for [`key_from_row`]; `models` travels as JSON text.
-const KEY_SELECT: &str = "id, name, owner, project, tier, models::text, created_at_ms, expires_at_ms, revoked_at_ms, secret_hash, rev";
+/// The select list for [`key_from_row`]; JSON columns travel as text.
+const KEY_SELECT: &str = "id, name, owner, project, tier, models::text, created_at_ms, expires_at_ms, revoked_at_ms, secret_hash, rev, metadata::text, limits::text, last_used_at_ms, previous_secret_hash, previous_valid_until_ms";
 
 fn key_from_row(r: &Row) -> Result<KeyRecord, tokio_postgres::Error> {
     let models: String = r.try_get(5)?;
-    let hash: Vec<u8> = r.try_get(9)?;
-    let mut secret_hash = [0u8; 32];
-    if hash.len() == 32 {
-        secret_hash.copy_from_slice(&hash);
-    }
+    let metadata: String = r.try_get(11)?;
+    let limits: String = r.try_get(12)?;
     Ok(KeyRecord {
         id: r.try_get(0)?,
         name: r.try_get(1)?,
@@ -272,12 +342,29 @@ fn key_from_row(r: &Row) -> Result<KeyRecord, tokio_postgres::Error> {
         project: r.try_get(3)?,
         tier: r.try_get(4)?,
         models: serde_json::from_str(&models).unwrap_or_default(),
+        metadata: serde_json::from_str(&metadata).unwrap_or_default(),
+        limits: serde_json::from_str(&limits).unwrap_or_default(),
         created_at_ms: r.try_get(6)?,
         expires_at_ms: r.try_get(7)?,
         revoked_at_ms: r.try_get(8)?,
-        secret_hash,
+        last_used_at_ms: r.try_get(13)?,
+        secret_hash: hash32(&r.try_get::<_, Vec<u8>>(9)?).unwrap_or_default(),
+        previous_secret_hash: r
+            .try_get::<_, Option<Vec<u8>>>(14)?
+            .and_then(|h| hash32(&h)),
+        previous_valid_until_ms: r.try_get(15)?,
         rev: r.try_get(10)?,
     })
+}
+
+/// A stored hash as the fixed-size array (None if the column is malformed).
+fn hash32(bytes: &[u8]) -> Option<[u8; 32]> {
+    bytes.try_into().ok()
+}
+
+/// JSON text of a value that always serializes (maps, plain structs).
+fn json_text<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "{}".into())
 }
 
 fn keys_from_rows(rows: &[Row], op: &'static str) -> Result<Vec<KeyRecord>, StoreError> {
@@ -315,13 +402,37 @@ fn usage_from_row(r: &Row) -> Result<UsageRecord, tokio_postgres::Error> {
 
 /// `INSERT … SELECT FROM UNNEST`: one array parameter per column, one statement per
 /// batch. Casts fix every parameter's type, so the statement prepares once.
-const INSERT_USAGE: &str = "INSERT INTO usage (request_id, key_id, model, provider, endpoint, \
+macro_rules! insert_usage_rows {
+    () => {
+        "INSERT INTO usage (request_id, key_id, model, provider, endpoint, \
      prompt_tokens, cached_prompt_tokens, completion_tokens, cost_pusd, input_price_micros, \
      output_price_micros, status, stream, token_source, started_at_ms, latency_ms, ttfb_ms, error) \
      SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
      $6::int8[], $7::int8[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::int4[], \
      $13::bool[], $14::text[], $15::int8[], $16::int8[], $17::int8[], $18::text[]) \
-     ON CONFLICT (request_id) DO NOTHING";
+     ON CONFLICT (request_id) DO NOTHING"
+    };
+}
+
+/// The batch insert plus its rollup, one statement: only the rows the insert
+/// returns (new request ids) are added to `usage_daily`, so a replayed batch adds
+/// nothing. Cells are upserted in key order, so concurrent batches from several
+/// nodes lock them in the same order and cannot deadlock on each other.
+const INSERT_USAGE: &str = concat!(
+    "WITH ins AS (",
+    insert_usage_rows!(),
+    " RETURNING key_id, model, status, prompt_tokens, completion_tokens, cost_pusd, started_at_ms) \
+     INSERT INTO usage_daily (day, key_id, model, requests, ok_requests, prompt_tokens, \
+     completion_tokens, cost_pusd) SELECT ",
+    daily_select!(),
+    " FROM ins GROUP BY 1, 2, 3 ORDER BY 1, 2, 3 \
+     ON CONFLICT (day, key_id, model) DO UPDATE SET \
+     requests = usage_daily.requests + EXCLUDED.requests, \
+     ok_requests = usage_daily.ok_requests + EXCLUDED.ok_requests, \
+     prompt_tokens = usage_daily.prompt_tokens + EXCLUDED.prompt_tokens, \
+     completion_tokens = usage_daily.completion_tokens + EXCLUDED.completion_tokens, \
+     cost_pusd = usage_daily.cost_pusd + EXCLUDED.cost_pusd"
+);
 
 /// A usage batch as one array per column (the parameters of [`INSERT_USAGE`]).
 #[derive(Debug, Default, PartialEq)]
@@ -478,7 +589,7 @@ async fn next_rev(tx: &Transaction<'_>, op: &'static str) -> Result<i64, StoreEr
     row.try_get(0).map_err(pg(op))
 }
 
-async fn migrate_tx(client: &mut Object) -> Result<(), StoreError> {
+async fn migrate_tx(client: &mut Object, target: usize) -> Result<(), StoreError> {
     let err = pg("migrate");
     let tx = client.transaction().await.map_err(err)?;
     // Serializes nodes migrating at once; released by commit or rollback.
@@ -507,7 +618,7 @@ async fn migrate_tx(client: &mut Object) -> Result<(), StoreError> {
             MIGRATIONS.len()
         );
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(done) {
+    for (i, sql) in MIGRATIONS.iter().enumerate().take(target).skip(done) {
         let version = i32::try_from(i + 1).unwrap_or(i32::MAX);
         tx.batch_execute(sql).await.map_err(err)?;
         tx.execute(
@@ -528,12 +639,16 @@ async fn insert_key_tx(client: &mut Object, k: &KeyRecord) -> Result<(), StoreEr
     let st = tx
         .prepare_cached(&format!(
             "INSERT INTO api_keys ({KEY_COLS}) \
-             VALUES ($1, $2, $3, $4, $5, $6::text::jsonb, $7, $8, $9, $10, $11) \
+             VALUES ($1, $2, $3, $4, $5, $6::text::jsonb, $7, $8, $9, $10, $11, \
+             $12::text::jsonb, $13::text::jsonb, $14, $15, $16) \
              ON CONFLICT (id) DO NOTHING"
         ))
         .await
         .map_err(err)?;
     let hash: &[u8] = &k.secret_hash;
+    let previous: Option<&[u8]> = k.previous_secret_hash.as_ref().map(|h| &h[..]);
+    let metadata = json_text(&k.metadata);
+    let limits = json_text(&k.limits);
     let n = tx
         .execute(
             &st,
@@ -549,6 +664,11 @@ async fn insert_key_tx(client: &mut Object, k: &KeyRecord) -> Result<(), StoreEr
                 &k.revoked_at_ms,
                 &hash,
                 &rev,
+                &metadata,
+                &limits,
+                &k.last_used_at_ms,
+                &previous,
+                &k.previous_valid_until_ms,
             ],
         )
         .await
@@ -583,6 +703,128 @@ async fn revoke_key_tx(client: &mut Object, id: &str, at_ms: i64) -> Result<bool
     tx.commit().await.map_err(err)?;
     Ok(true)
 }
+
+/// Binds the shared query builder's parameters.
+fn pg_args(args: &[SqlArg]) -> Vec<&(dyn ToSql + Sync)> {
+    args.iter()
+        .map(|a| match a {
+            SqlArg::Text(s) => s as &(dyn ToSql + Sync),
+            SqlArg::Int(i) => i as &(dyn ToSql + Sync),
+        })
+        .collect()
+}
+
+async fn update_key_tx(
+    client: &mut Object,
+    id: &str,
+    patch: &KeyPatch,
+) -> Result<Option<KeyRecord>, StoreError> {
+    let err = pg("update_key");
+    let mut args: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+    let mut sets: Vec<String> = Vec::new();
+    let mut set = |col: &str, cast: &str, v: Box<dyn ToSql + Sync + Send>| {
+        args.push(v);
+        sets.push(format!("{col} = ${}{cast}", args.len()));
+    };
+    if let Some(name) = &patch.name {
+        set(
+            "name",
+            "",
+            Box::new(name.as_deref().map(|n| pg_text(n).into_owned())),
+        );
+    }
+    if let Some(tier) = &patch.tier {
+        set("tier", "", Box::new(pg_text(tier).into_owned()));
+    }
+    if let Some(exp) = patch.expires_at_ms {
+        set("expires_at_ms", "", Box::new(exp));
+    }
+    if let Some(models) = &patch.models {
+        set("models", "::text::jsonb", Box::new(json_text(models)));
+    }
+    if let Some(metadata) = &patch.metadata {
+        set("metadata", "::text::jsonb", Box::new(json_text(metadata)));
+    }
+    if let Some(limits) = &patch.limits {
+        set("limits", "::text::jsonb", Box::new(json_text(limits)));
+    }
+    let tx = client.transaction().await.map_err(err)?;
+    let rev = next_rev(&tx, "update_key").await?;
+    args.push(Box::new(rev));
+    sets.push(format!("rev = ${}", args.len()));
+    args.push(Box::new(id.to_owned()));
+    let sql = format!(
+        "UPDATE api_keys SET {} WHERE id = ${} RETURNING {KEY_SELECT}",
+        sets.join(", "),
+        args.len()
+    );
+    let params: Vec<&(dyn ToSql + Sync)> = args
+        .iter()
+        .map(|a| a.as_ref() as &(dyn ToSql + Sync))
+        .collect();
+    let rows = tx.query(&sql, &params).await.map_err(err)?;
+    let Some(row) = rows.first() else {
+        // Rolling back returns the rev: an unknown id is no change.
+        tx.rollback().await.map_err(err)?;
+        return Ok(None);
+    };
+    let rec = key_from_row(row).map_err(err)?;
+    tx.commit().await.map_err(err)?;
+    Ok(Some(rec))
+}
+
+async fn rotate_key_tx(
+    client: &mut Object,
+    id: &str,
+    new_hash: &[u8; 32],
+    grace_until_ms: Option<i64>,
+) -> Result<Option<KeyRecord>, StoreError> {
+    let err = pg("rotate_key");
+    let tx = client.transaction().await.map_err(err)?;
+    // The counter first, then the row: the order every key write takes locks in.
+    let rev = next_rev(&tx, "rotate_key").await?;
+    let found = tx
+        .query(
+            "SELECT revoked_at_ms FROM api_keys WHERE id = $1 FOR UPDATE",
+            &[&id],
+        )
+        .await
+        .map_err(err)?;
+    let revoked: Option<i64> = match found.first() {
+        None => {
+            tx.rollback().await.map_err(err)?;
+            return Ok(None);
+        }
+        Some(r) => r.try_get(0).map_err(err)?,
+    };
+    if revoked.is_some() {
+        tx.rollback().await.map_err(err)?;
+        return Err(StoreError::Conflict(format!(
+            "key {id} is revoked and cannot be rotated"
+        )));
+    }
+    let hash: &[u8] = new_hash;
+    let row = tx
+        .query_one(
+            &format!(
+                "UPDATE api_keys SET previous_secret_hash = secret_hash, \
+                 previous_valid_until_ms = $1, secret_hash = $2, rev = $3 WHERE id = $4 \
+                 RETURNING {KEY_SELECT}"
+            ),
+            &[&grace_until_ms, &hash, &rev, &id],
+        )
+        .await
+        .map_err(err)?;
+    let rec = key_from_row(&row).map_err(err)?;
+    tx.commit().await.map_err(err)?;
+    Ok(Some(rec))
+}
+
+/// Raises `last_used_at_ms` for a batch in one statement; ids are unique and sorted,
+/// so concurrent batches lock rows in the same order.
+const TOUCH_KEYS: &str = "UPDATE api_keys k SET last_used_at_ms = v.at \
+     FROM UNNEST($1::text[], $2::int8[]) AS v(id, at) \
+     WHERE k.id = v.id AND (k.last_used_at_ms IS NULL OR k.last_used_at_ms < v.at)";
 
 async fn query_rows(
     client: &Object,
@@ -620,7 +862,10 @@ fn report_from_row(r: &Row) -> Result<ReportRow, StoreError> {
 impl Store for PostgresStore {
     async fn migrate(&self) -> Result<(), StoreError> {
         let deadline = Instant::now() + self.opts.query_timeout.max(MIGRATE_BUDGET);
-        call!(self, "migrate", deadline, |c| migrate_tx(&mut c))
+        call!(self, "migrate", deadline, |c| migrate_tx(
+            &mut c,
+            MIGRATIONS.len()
+        ))
     }
 
     async fn insert_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
@@ -723,6 +968,208 @@ impl Store for PostgresStore {
         ))?;
         rows.iter().map(report_from_row).collect()
     }
+
+    async fn update_key(
+        &self,
+        id: &str,
+        patch: &KeyPatch,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        call!(self, "update_key", self.deadline(), |c| update_key_tx(
+            &mut c, id, patch
+        ))
+    }
+
+    async fn rotate_key(
+        &self,
+        id: &str,
+        new_hash: &[u8; 32],
+        grace_until_ms: Option<i64>,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        call!(self, "rotate_key", self.deadline(), |c| rotate_key_tx(
+            &mut c,
+            id,
+            new_hash,
+            grace_until_ms
+        ))
+    }
+
+    async fn touch_keys(&self, uses: &[(String, i64)]) -> Result<(), StoreError> {
+        let mut latest: std::collections::BTreeMap<&str, i64> = Default::default();
+        for (id, at) in uses {
+            let e = latest.entry(id.as_str()).or_insert(*at);
+            *e = (*e).max(*at);
+        }
+        if latest.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<Cow<'_, str>> = latest.keys().map(|id| pg_text(id)).collect();
+        let ats: Vec<i64> = latest.values().copied().collect();
+        call!(self, "touch_keys", self.deadline(), |c| async {
+            let st = c
+                .prepare_cached(TOUCH_KEYS)
+                .await
+                .map_err(pg("touch_keys"))?;
+            c.execute(&st, &[&ids, &ats])
+                .await
+                .map_err(pg("touch_keys"))?;
+            Ok(())
+        })
+    }
+
+    async fn find_keys(
+        &self,
+        filter: &KeyFilter,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<KeyPage, StoreError> {
+        let w = sql::key_filter(Dialect::Postgres, filter, cursor)?;
+        let limit = limit.max(1);
+        // One row past the page tells whether another page exists.
+        let sql = format!(
+            "SELECT {KEY_SELECT} FROM api_keys{} ORDER BY id COLLATE \"C\" LIMIT {}",
+            w.sql(),
+            limit.saturating_add(1)
+        );
+        let args = pg_args(&w.args);
+        let rows = call!(self, "find_keys", self.deadline(), |c| query_rows(
+            &c,
+            "find_keys",
+            &sql,
+            &args
+        ))?;
+        let mut keys = keys_from_rows(&rows, "find_keys")?;
+        let next_cursor = if keys.len() > limit {
+            keys.truncate(limit);
+            keys.last().map(|k| encode_key_cursor(&k.id))
+        } else {
+            None
+        };
+        Ok(KeyPage { keys, next_cursor })
+    }
+
+    async fn insert_audit(&self, entry: &AuditEntry) -> Result<i64, StoreError> {
+        let actor = pg_text(&entry.actor);
+        let action = pg_text(&entry.action);
+        let target = entry.target.as_deref().map(pg_text);
+        let detail = json_text(&entry.detail);
+        let rows = call!(self, "insert_audit", self.deadline(), |c| query_rows(
+            &c,
+            "insert_audit",
+            "INSERT INTO audit_log (at_ms, actor, action, target, detail) \
+             VALUES ($1, $2, $3, $4, $5::text::json) RETURNING id",
+            &[&entry.at_ms, &actor, &action, &target, &detail]
+        ))?;
+        match rows.first() {
+            Some(r) => r.try_get(0).map_err(pg("insert_audit")),
+            None => Err(StoreError::Database(
+                "postgres insert_audit: no id returned".into(),
+            )),
+        }
+    }
+
+    async fn list_audit(
+        &self,
+        q: &AuditQuery,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<AuditPage, StoreError> {
+        let w = sql::audit_filter(Dialect::Postgres, q, cursor)?;
+        let limit = limit.max(1);
+        let sql = format!(
+            "SELECT id, at_ms, actor, action, target, detail::text FROM audit_log{} \
+             ORDER BY at_ms DESC, id DESC LIMIT {}",
+            w.sql(),
+            limit.saturating_add(1)
+        );
+        let args = pg_args(&w.args);
+        let rows = call!(self, "list_audit", self.deadline(), |c| query_rows(
+            &c,
+            "list_audit",
+            &sql,
+            &args
+        ))?;
+        let err = pg("list_audit");
+        let mut entries = rows
+            .iter()
+            .map(|r| {
+                let detail: String = r.try_get(5)?;
+                Ok(AuditEntry {
+                    id: r.try_get(0)?,
+                    at_ms: r.try_get(1)?,
+                    actor: r.try_get(2)?,
+                    action: r.try_get(3)?,
+                    target: r.try_get(4)?,
+                    detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
+                })
+            })
+            .collect::<Result<Vec<_>, tokio_postgres::Error>>()
+            .map_err(err)?;
+        let next_cursor = if entries.len() > limit {
+            entries.truncate(limit);
+            entries
+                .last()
+                .map(|e| sql::encode_audit_cursor(e.at_ms, e.id))
+        } else {
+            None
+        };
+        Ok(AuditPage {
+            entries,
+            next_cursor,
+        })
+    }
+
+    async fn usage_rollup(&self, q: &RollupQuery) -> Result<Vec<RollupRow>, StoreError> {
+        let w = sql::rollup_filter(Dialect::Postgres, q);
+        let group = match q.group_by {
+            GroupBy::Day => "d.day",
+            GroupBy::Model => "d.model",
+            GroupBy::Key => "d.key_id",
+            GroupBy::Owner => "k.owner",
+            GroupBy::Project => "k.project",
+        };
+        // NUMERIC sums, sent as text and parsed exactly.
+        let sql = format!(
+            "SELECT {group}, SUM(d.requests)::text, SUM(d.ok_requests)::text, \
+             SUM(d.prompt_tokens)::text, SUM(d.completion_tokens)::text, SUM(d.cost_pusd)::text \
+             FROM usage_daily d LEFT JOIN api_keys k ON k.id = d.key_id{} \
+             GROUP BY {group} ORDER BY {group} COLLATE \"C\" NULLS FIRST",
+            w.sql()
+        );
+        let args = pg_args(&w.args);
+        let rows = call!(self, "usage_rollup", self.deadline(), |c| query_rows(
+            &c,
+            "usage_rollup",
+            &sql,
+            &args
+        ))?;
+        let err = pg("usage_rollup");
+        rows.iter()
+            .map(|r| {
+                let text = |i: usize| r.try_get::<_, String>(i).map_err(err);
+                let requests = sum_u64(&text(1)?)?;
+                let ok_requests = sum_u64(&text(2)?)?;
+                Ok(RollupRow {
+                    group: r.try_get(0).map_err(err)?,
+                    requests,
+                    ok_requests,
+                    failed: requests.saturating_sub(ok_requests),
+                    prompt_tokens: sum_u64(&text(3)?)?,
+                    completion_tokens: sum_u64(&text(4)?)?,
+                    cost_pusd: parse_sum(&text(5)?)?,
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+impl PostgresStore {
+    /// Applies the first `target` migrations only: a database as an older build
+    /// left it (tests of the upgrade path).
+    async fn migrate_to(&self, target: usize) -> Result<(), StoreError> {
+        let deadline = Instant::now() + self.opts.query_timeout.max(MIGRATE_BUDGET);
+        call!(self, "migrate", deadline, |c| migrate_tx(&mut c, target))
+    }
 }
 
 #[cfg(test)]
@@ -734,7 +1181,10 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::store::conformance::{admin_client, key, usage, TestSchema};
+    use crate::store::conformance::{
+        admin_client, key, rollup_fixture, rollup_model, rollup_queries, usage, TestSchema,
+    };
+    use crate::store::day_of_ms;
 
     /// Where initdb and pg_ctl live (`AI4FREE_TEST_PG_BIN` overrides).
     fn pg_bin() -> PathBuf {
@@ -1246,5 +1696,69 @@ mod tests {
             out.push(h.await.unwrap());
         }
         out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn migration_backfills_the_rollup_from_older_usage_rows() {
+        let schema = TestSchema::create().await;
+        let store = PostgresStore::connect(&schema.url(), quick())
+            .await
+            .unwrap();
+        // The schema as the build before the rollup left it, with its usage rows.
+        store.migrate_to(3).await.unwrap();
+        let (keys, rows) = rollup_fixture();
+        for k in &keys {
+            store.insert_key(k).await.unwrap();
+        }
+        let admin = admin_client(&schema.url()).await;
+        let cols = UsageColumns::new(&rows);
+        admin
+            .execute(insert_usage_rows!(), &cols.params())
+            .await
+            .unwrap();
+        assert!(store.usage_rollup(&RollupQuery::default()).await.is_err());
+
+        store.migrate().await.unwrap();
+        for q in rollup_queries() {
+            assert_eq!(
+                store.usage_rollup(&q).await.unwrap(),
+                rollup_model(&rows, &keys, &q),
+                "{q:?}"
+            );
+        }
+        store.insert_usage(&rows).await.unwrap();
+        let q = RollupQuery::default();
+        assert_eq!(
+            store.usage_rollup(&q).await.unwrap(),
+            rollup_model(&rows, &keys, &q)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_sql_day_matches_day_of_ms() {
+        let schema = TestSchema::create().await;
+        let admin = admin_client(&schema.url()).await;
+        for ms in [
+            0,
+            -1,
+            86_399_999,
+            -86_400_000,
+            -86_400_001,
+            951_782_400_000,
+            1_700_000_000_000,
+            253_402_300_799_999,
+            253_402_300_800_000,
+            -62_135_596_800_000,
+            -62_135_596_800_001,
+            i64::MAX,
+            i64::MIN,
+        ] {
+            let sql = format!(
+                "SELECT {} FROM (SELECT $1::int8 AS started_at_ms) t",
+                day_sql!()
+            );
+            let day: String = admin.query_one(&sql, &[&ms]).await.unwrap().get(0);
+            assert_eq!(day, day_of_ms(ms), "{ms}");
+        }
     }
 }

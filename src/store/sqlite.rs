@@ -4,6 +4,7 @@
 //! connection. WAL mode plus a busy timeout lets the CLI change keys while a server
 //! runs on the same file; the server sees the change through the `rev` change feed.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -11,12 +12,25 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{ReportRow, Store, StoreError, UsageQuery};
+use super::sql::{self, Dialect, SqlArg};
+use super::{
+    day_of_ms, encode_key_cursor, AuditEntry, AuditPage, AuditQuery, GroupBy, KeyFilter, KeyPage,
+    KeyPatch, ReportRow, RollupQuery, RollupRow, Store, StoreError, UsageQuery,
+};
 use crate::keys::KeyRecord;
 use crate::usage::{TokenSource, UsageRecord};
 
+/// One schema step: plain SQL, or Rust for what SQLite's SQL cannot do exactly.
+enum Migration {
+    Sql(&'static str),
+    Code(fn(&rusqlite::Transaction<'_>) -> Result<(), StoreError>),
+}
+
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[r#"
+/// Append only: a released step never changes.
+const MIGRATIONS: &[Migration] = &[
+    Migration::Sql(
+        r#"
 CREATE TABLE IF NOT EXISTS api_keys (
     id            TEXT PRIMARY KEY,
     name          TEXT,
@@ -53,7 +67,172 @@ CREATE TABLE IF NOT EXISTS usage (
 );
 CREATE INDEX IF NOT EXISTS usage_started ON usage(started_at_ms);
 CREATE INDEX IF NOT EXISTS usage_key_started ON usage(key_id, started_at_ms);
-"#];
+"#,
+    ),
+    // 2: the key lifecycle (metadata, limit overrides, last use, rotation).
+    Migration::Sql(
+        r#"
+ALTER TABLE api_keys ADD COLUMN metadata TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE api_keys ADD COLUMN limits TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE api_keys ADD COLUMN last_used_at_ms INTEGER;
+ALTER TABLE api_keys ADD COLUMN previous_secret_hash BLOB;
+ALTER TABLE api_keys ADD COLUMN previous_valid_until_ms INTEGER;
+CREATE INDEX api_keys_owner ON api_keys(owner, id);
+CREATE INDEX api_keys_project ON api_keys(project, id);
+"#,
+    ),
+    // 3: the audit log of admin actions.
+    Migration::Sql(
+        r#"
+CREATE TABLE audit_log (
+    id     INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms  INTEGER NOT NULL,
+    actor  TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT,
+    detail TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX audit_log_at ON audit_log(at_ms, id);
+"#,
+    ),
+    // 4: the daily usage rollup. Sums are kept exact in Rust (see `add_daily`):
+    // tokens saturate at i64::MAX, costs are i128 decimal text.
+    Migration::Sql(
+        r#"
+CREATE TABLE usage_daily (
+    day               TEXT NOT NULL,
+    key_id            TEXT NOT NULL,
+    model             TEXT NOT NULL,
+    requests          INTEGER NOT NULL,
+    ok_requests       INTEGER NOT NULL,
+    prompt_tokens     INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cost_pusd         TEXT NOT NULL,
+    PRIMARY KEY (day, key_id, model)
+);
+CREATE INDEX usage_daily_key ON usage_daily(key_id, day);
+"#,
+    ),
+    // 5: fill the rollup from the usage rows written before it existed.
+    Migration::Code(backfill_usage_daily),
+];
+
+/// Usage totals of one (day, key, model) cell.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Daily {
+    requests: i64,
+    ok_requests: i64,
+    prompt_tokens: i64,
+    completion_tokens: i64,
+    cost_pusd: i128,
+}
+
+type DailyCells = BTreeMap<(String, String, String), Daily>;
+
+impl Daily {
+    fn add(&mut self, o: &Daily) {
+        self.requests = self.requests.saturating_add(o.requests);
+        self.ok_requests = self.ok_requests.saturating_add(o.ok_requests);
+        self.prompt_tokens = self.prompt_tokens.saturating_add(o.prompt_tokens);
+        self.completion_tokens = self.completion_tokens.saturating_add(o.completion_tokens);
+        self.cost_pusd = self.cost_pusd.saturating_add(o.cost_pusd);
+    }
+
+    fn of_request(status: i64, prompt: i64, completion: i64, cost: i64) -> Daily {
+        Daily {
+            requests: 1,
+            ok_requests: i64::from((200..300).contains(&status)),
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            cost_pusd: i128::from(cost),
+        }
+    }
+}
+
+/// Adds `cells` to `usage_daily` inside the caller's transaction. Read-modify-write
+/// is safe: every SQLite writer holds the database's write lock.
+fn add_daily(tx: &Connection, cells: &DailyCells) -> Result<(), StoreError> {
+    let mut read = tx
+        .prepare_cached(
+            "SELECT requests, ok_requests, prompt_tokens, completion_tokens, cost_pusd \
+             FROM usage_daily WHERE day = ?1 AND key_id = ?2 AND model = ?3",
+        )
+        .map_err(db_err)?;
+    let mut write = tx
+        .prepare_cached(
+            "INSERT OR REPLACE INTO usage_daily (day, key_id, model, requests, ok_requests, \
+             prompt_tokens, completion_tokens, cost_pusd) VALUES (?,?,?,?,?,?,?,?)",
+        )
+        .map_err(db_err)?;
+    for ((day, key_id, model), delta) in cells {
+        let old = read
+            .query_row(params![day, key_id, model], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, String>(4)?,
+                ))
+            })
+            .optional()
+            .map_err(db_err)?;
+        let mut total = match old {
+            Some((requests, ok_requests, prompt_tokens, completion_tokens, cost)) => Daily {
+                requests,
+                ok_requests,
+                prompt_tokens,
+                completion_tokens,
+                cost_pusd: cost
+                    .parse()
+                    .map_err(|_| StoreError::Database(format!("usage_daily: bad cost {cost:?}")))?,
+            },
+            None => Daily::default(),
+        };
+        total.add(delta);
+        write
+            .execute(params![
+                day,
+                key_id,
+                model,
+                total.requests,
+                total.ok_requests,
+                total.prompt_tokens,
+                total.completion_tokens,
+                total.cost_pusd.to_string(),
+            ])
+            .map_err(db_err)?;
+    }
+    Ok(())
+}
+
+fn backfill_usage_daily(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreError> {
+    let mut cells = DailyCells::new();
+    {
+        let mut st = tx
+            .prepare(
+                "SELECT key_id, model, status, prompt_tokens, completion_tokens, cost_pusd, \
+                 started_at_ms FROM usage",
+            )
+            .map_err(db_err)?;
+        let mut rows = st.query([]).map_err(db_err)?;
+        while let Some(r) = rows.next().map_err(db_err)? {
+            let cell = (
+                day_of_ms(r.get(6).map_err(db_err)?),
+                r.get(0).map_err(db_err)?,
+                r.get(1).map_err(db_err)?,
+            );
+            let d = Daily::of_request(
+                r.get(2).map_err(db_err)?,
+                r.get(3).map_err(db_err)?,
+                r.get(4).map_err(db_err)?,
+                r.get(5).map_err(db_err)?,
+            );
+            cells.entry(cell).or_default().add(&d);
+        }
+    }
+    add_daily(tx, &cells)
+}
 
 /// SQLite-backed [`Store`].
 pub struct SqliteStore {
@@ -96,6 +275,34 @@ impl SqliteStore {
         &self.path
     }
 
+    /// Applies the migrations up to `target` (all of them from [`Store::migrate`];
+    /// fewer in tests of the upgrade path).
+    async fn migrate_to(&self, target: usize) -> Result<(), StoreError> {
+        self.with(move |c| {
+            let tx = c
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(db_err)?;
+            let done: i64 = tx
+                .pragma_query_value(None, "user_version", |r| r.get(0))
+                .map_err(db_err)?;
+            for (i, m) in MIGRATIONS
+                .iter()
+                .enumerate()
+                .take(target)
+                .skip(done.max(0) as usize)
+            {
+                match m {
+                    Migration::Sql(sql) => tx.execute_batch(sql).map_err(db_err)?,
+                    Migration::Code(f) => f(&tx)?,
+                }
+                tx.pragma_update(None, "user_version", (i + 1) as i64)
+                    .map_err(db_err)?;
+            }
+            tx.commit().map_err(db_err)
+        })
+        .await
+    }
+
     async fn with<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -108,15 +315,12 @@ impl SqliteStore {
     }
 }
 
-const KEY_COLS: &str = "id, name, owner, project, tier, models, created_at_ms, expires_at_ms, revoked_at_ms, secret_hash, rev";
+const KEY_COLS: &str = "id, name, owner, project, tier, models, created_at_ms, expires_at_ms, revoked_at_ms, secret_hash, rev, metadata, limits, last_used_at_ms, previous_secret_hash, previous_valid_until_ms";
 
 fn key_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRecord> {
     let models: String = r.get(5)?;
-    let hash: Vec<u8> = r.get(9)?;
-    let mut secret_hash = [0u8; 32];
-    if hash.len() == 32 {
-        secret_hash.copy_from_slice(&hash);
-    }
+    let metadata: String = r.get(11)?;
+    let limits: String = r.get(12)?;
     Ok(KeyRecord {
         id: r.get(0)?,
         name: r.get(1)?,
@@ -124,10 +328,15 @@ fn key_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRecord> {
         project: r.get(3)?,
         tier: r.get(4)?,
         models: serde_json::from_str(&models).unwrap_or_default(),
+        metadata: serde_json::from_str(&metadata).unwrap_or_default(),
+        limits: serde_json::from_str(&limits).unwrap_or_default(),
         created_at_ms: r.get(6)?,
         expires_at_ms: r.get(7)?,
         revoked_at_ms: r.get(8)?,
-        secret_hash,
+        last_used_at_ms: r.get(13)?,
+        secret_hash: hash32(&r.get::<_, Vec<u8>>(9)?).unwrap_or_default(),
+        previous_secret_hash: r.get::<_, Option<Vec<u8>>>(14)?.and_then(|h| hash32(&h)),
+        previous_valid_until_ms: r.get(15)?,
         rev: r.get(10)?,
     })
 }
@@ -182,6 +391,104 @@ fn where_clause(q: &UsageQuery) -> (String, Vec<rusqlite::types::Value>) {
     (sql, args)
 }
 
+/// A stored hash as the fixed-size array (None if the column is malformed).
+fn hash32(bytes: &[u8]) -> Option<[u8; 32]> {
+    bytes.try_into().ok()
+}
+
+/// JSON text of a value that always serializes (maps, plain structs).
+fn json_text<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "{}".into())
+}
+
+fn sql_values(args: Vec<SqlArg>) -> Vec<rusqlite::types::Value> {
+    use rusqlite::types::Value;
+    args.into_iter()
+        .map(|a| match a {
+            SqlArg::Text(s) => Value::Text(s),
+            SqlArg::Int(i) => Value::Integer(i),
+        })
+        .collect()
+}
+
+/// The `rev` a key write takes: one above every stored key's. Writers hold SQLite's
+/// write lock (immediate transactions), so revs commit in order.
+const NEXT_REV: &str = "(SELECT COALESCE(MAX(rev),0)+1 FROM api_keys)";
+
+fn select_key(c: &Connection, id: &str) -> Result<Option<KeyRecord>, StoreError> {
+    c.prepare_cached(&format!("SELECT {KEY_COLS} FROM api_keys WHERE id = ?"))
+        .map_err(db_err)?
+        .query_row([id], key_from_row)
+        .optional()
+        .map_err(db_err)
+}
+
+/// The rollup column a report groups by (`d` = usage_daily, `k` = api_keys).
+fn group_column(g: GroupBy) -> &'static str {
+    match g {
+        GroupBy::Day => "d.day",
+        GroupBy::Model => "d.model",
+        GroupBy::Key => "d.key_id",
+        GroupBy::Owner => "k.owner",
+        GroupBy::Project => "k.project",
+    }
+}
+
+/// Rows per `touch_keys` statement (two parameters each, far below SQLite's limit).
+const TOUCH_CHUNK: usize = 400;
+
+/// Inserts the rows whose `request_id` is new; returns what they add to the
+/// rollup. Only rows actually inserted count, so a replayed batch adds nothing.
+fn insert_usage_rows(tx: &Connection, rows: &[UsageRecord]) -> Result<DailyCells, StoreError> {
+    let mut cells = DailyCells::new();
+    let mut st = tx
+        .prepare_cached(&format!(
+            "INSERT OR IGNORE INTO usage ({USAGE_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+        ))
+        .map_err(db_err)?;
+    for r in rows {
+        let inserted = st
+            .execute(params![
+                r.request_id,
+                r.key_id,
+                r.model,
+                r.provider,
+                r.endpoint,
+                to_i64(r.prompt_tokens),
+                to_i64(r.cached_prompt_tokens),
+                to_i64(r.completion_tokens),
+                r.cost_pusd,
+                r.input_price_micros,
+                r.output_price_micros,
+                r.status as i64,
+                r.stream as i64,
+                r.token_source.as_str(),
+                r.started_at_ms,
+                to_i64(r.latency_ms),
+                r.ttfb_ms.map(to_i64),
+                r.error,
+            ])
+            .map_err(db_err)?;
+        if inserted == 1 {
+            let d = Daily::of_request(
+                i64::from(r.status),
+                to_i64(r.prompt_tokens),
+                to_i64(r.completion_tokens),
+                r.cost_pusd,
+            );
+            cells
+                .entry((
+                    day_of_ms(r.started_at_ms),
+                    r.key_id.clone(),
+                    r.model.clone(),
+                ))
+                .or_default()
+                .add(&d);
+        }
+    }
+    Ok(cells)
+}
+
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -189,21 +496,7 @@ fn to_i64(v: u64) -> i64 {
 #[async_trait]
 impl Store for SqliteStore {
     async fn migrate(&self) -> Result<(), StoreError> {
-        self.with(|c| {
-            let tx = c
-                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-                .map_err(db_err)?;
-            let done: i64 = tx
-                .pragma_query_value(None, "user_version", |r| r.get(0))
-                .map_err(db_err)?;
-            for (i, m) in MIGRATIONS.iter().enumerate().skip(done.max(0) as usize) {
-                tx.execute_batch(m).map_err(db_err)?;
-                tx.pragma_update(None, "user_version", (i + 1) as i64)
-                    .map_err(db_err)?;
-            }
-            tx.commit().map_err(db_err)
-        })
-        .await
+        self.migrate_to(MIGRATIONS.len()).await
     }
 
     async fn insert_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
@@ -213,10 +506,13 @@ impl Store for SqliteStore {
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
                 .map_err(db_err)?;
             let models = serde_json::to_string(&k.models).unwrap_or_else(|_| "[]".into());
+            let metadata = json_text(&k.metadata);
+            let limits = json_text(&k.limits);
             let n = tx
                 .execute(
-                    &format!("INSERT OR IGNORE INTO api_keys ({KEY_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,(SELECT COALESCE(MAX(rev),0)+1 FROM api_keys))"),
-                    params![k.id, k.name, k.owner, k.project, k.tier, models, k.created_at_ms, k.expires_at_ms, k.revoked_at_ms, k.secret_hash.to_vec()],
+                    &format!("INSERT OR IGNORE INTO api_keys ({KEY_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,(SELECT COALESCE(MAX(rev),0)+1 FROM api_keys),?,?,?,?,?)"),
+                    params![k.id, k.name, k.owner, k.project, k.tier, models, k.created_at_ms, k.expires_at_ms, k.revoked_at_ms, k.secret_hash.to_vec(),
+                        metadata, limits, k.last_used_at_ms, k.previous_secret_hash.map(|h| h.to_vec()), k.previous_valid_until_ms],
                 )
                 .map_err(db_err)?;
             if n == 0 {
@@ -299,36 +595,8 @@ impl Store for SqliteStore {
             let tx = c
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
                 .map_err(db_err)?;
-            {
-                let mut st = tx
-                    .prepare_cached(&format!(
-                        "INSERT OR IGNORE INTO usage ({USAGE_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
-                    ))
-                    .map_err(db_err)?;
-                for r in &rows {
-                    st.execute(params![
-                        r.request_id,
-                        r.key_id,
-                        r.model,
-                        r.provider,
-                        r.endpoint,
-                        to_i64(r.prompt_tokens),
-                        to_i64(r.cached_prompt_tokens),
-                        to_i64(r.completion_tokens),
-                        r.cost_pusd,
-                        r.input_price_micros,
-                        r.output_price_micros,
-                        r.status as i64,
-                        r.stream as i64,
-                        r.token_source.as_str(),
-                        r.started_at_ms,
-                        to_i64(r.latency_ms),
-                        r.ttfb_ms.map(to_i64),
-                        r.error,
-                    ])
-                    .map_err(db_err)?;
-                }
-            }
+            let cells = insert_usage_rows(&tx, &rows)?;
+            add_daily(&tx, &cells)?;
             tx.commit().map_err(db_err)
         })
         .await
@@ -380,5 +648,336 @@ impl Store for SqliteStore {
             rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
         })
         .await
+    }
+
+    async fn update_key(
+        &self,
+        id: &str,
+        patch: &KeyPatch,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        use rusqlite::types::Value;
+        let id = id.to_owned();
+        let mut sets: Vec<String> = Vec::new();
+        let mut args: Vec<Value> = Vec::new();
+        let mut set = |col: &str, v: Value| {
+            args.push(v);
+            sets.push(format!("{col} = ?{}", args.len()));
+        };
+        let text = |v: &Option<String>| v.clone().map_or(Value::Null, Value::Text);
+        if let Some(name) = &patch.name {
+            set("name", text(name));
+        }
+        if let Some(tier) = &patch.tier {
+            set("tier", Value::Text(tier.clone()));
+        }
+        if let Some(exp) = patch.expires_at_ms {
+            set("expires_at_ms", exp.map_or(Value::Null, Value::Integer));
+        }
+        if let Some(models) = &patch.models {
+            set("models", Value::Text(json_text(models)));
+        }
+        if let Some(metadata) = &patch.metadata {
+            set("metadata", Value::Text(json_text(metadata)));
+        }
+        if let Some(limits) = &patch.limits {
+            set("limits", Value::Text(json_text(limits)));
+        }
+        sets.push(format!("rev = {NEXT_REV}"));
+        args.push(Value::Text(id.clone()));
+        let sql = format!(
+            "UPDATE api_keys SET {} WHERE id = ?{}",
+            sets.join(", "),
+            args.len()
+        );
+        self.with(move |c| {
+            let tx = c
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(db_err)?;
+            let n = tx
+                .execute(&sql, rusqlite::params_from_iter(args))
+                .map_err(db_err)?;
+            if n == 0 {
+                return Ok(None);
+            }
+            let rec = select_key(&tx, &id)?;
+            tx.commit().map_err(db_err)?;
+            Ok(rec)
+        })
+        .await
+    }
+
+    async fn rotate_key(
+        &self,
+        id: &str,
+        new_hash: &[u8; 32],
+        grace_until_ms: Option<i64>,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let id = id.to_owned();
+        let new_hash = new_hash.to_vec();
+        self.with(move |c| {
+            let tx = c
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(db_err)?;
+            let revoked: Option<Option<i64>> = tx
+                .query_row(
+                    "SELECT revoked_at_ms FROM api_keys WHERE id = ?",
+                    [&id],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(db_err)?;
+            match revoked {
+                None => return Ok(None),
+                Some(Some(_)) => {
+                    return Err(StoreError::Conflict(format!(
+                        "key {id} is revoked and cannot be rotated"
+                    )))
+                }
+                Some(None) => {}
+            }
+            tx.execute(
+                &format!(
+                    "UPDATE api_keys SET previous_secret_hash = secret_hash, \
+                     previous_valid_until_ms = ?1, secret_hash = ?2, rev = {NEXT_REV} WHERE id = ?3"
+                ),
+                params![grace_until_ms, new_hash, id],
+            )
+            .map_err(db_err)?;
+            let rec = select_key(&tx, &id)?;
+            tx.commit().map_err(db_err)?;
+            Ok(rec)
+        })
+        .await
+    }
+
+    async fn touch_keys(&self, uses: &[(String, i64)]) -> Result<(), StoreError> {
+        // One value per id (the latest): UPDATE … FROM picks an arbitrary row when
+        // several match.
+        let mut latest: std::collections::BTreeMap<String, i64> = Default::default();
+        for (id, at) in uses {
+            let e = latest.entry(id.clone()).or_insert(*at);
+            *e = (*e).max(*at);
+        }
+        if latest.is_empty() {
+            return Ok(());
+        }
+        let latest: Vec<(String, i64)> = latest.into_iter().collect();
+        self.with(move |c| {
+            let tx = c
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(db_err)?;
+            for chunk in latest.chunks(TOUCH_CHUNK) {
+                let values = vec!["(?,?)"; chunk.len()].join(",");
+                let sql = format!(
+                    "UPDATE api_keys SET last_used_at_ms = v.column2 FROM (VALUES {values}) AS v \
+                     WHERE api_keys.id = v.column1 \
+                     AND (api_keys.last_used_at_ms IS NULL OR api_keys.last_used_at_ms < v.column2)"
+                );
+                let args = chunk.iter().flat_map(|(id, at)| {
+                    [
+                        rusqlite::types::Value::Text(id.clone()),
+                        rusqlite::types::Value::Integer(*at),
+                    ]
+                });
+                tx.execute(&sql, rusqlite::params_from_iter(args))
+                    .map_err(db_err)?;
+            }
+            tx.commit().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn find_keys(
+        &self,
+        filter: &KeyFilter,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<KeyPage, StoreError> {
+        let w = sql::key_filter(Dialect::Sqlite, filter, cursor)?;
+        let limit = limit.max(1);
+        // One row past the page tells whether another page exists.
+        let sql = format!(
+            "SELECT {KEY_COLS} FROM api_keys{} ORDER BY id LIMIT {}",
+            w.sql(),
+            limit.saturating_add(1)
+        );
+        let args = sql_values(w.args);
+        let mut keys = self
+            .with(move |c| {
+                let mut st = c.prepare(&sql).map_err(db_err)?;
+                let rows = st
+                    .query_map(rusqlite::params_from_iter(args), key_from_row)
+                    .map_err(db_err)?;
+                rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
+            })
+            .await?;
+        let next_cursor = if keys.len() > limit {
+            keys.truncate(limit);
+            keys.last().map(|k| encode_key_cursor(&k.id))
+        } else {
+            None
+        };
+        Ok(KeyPage { keys, next_cursor })
+    }
+
+    async fn insert_audit(&self, entry: &AuditEntry) -> Result<i64, StoreError> {
+        let e = entry.clone();
+        self.with(move |c| {
+            c.prepare_cached(
+                "INSERT INTO audit_log (at_ms, actor, action, target, detail) VALUES (?,?,?,?,?)",
+            )
+            .map_err(db_err)?
+            .execute(params![
+                e.at_ms,
+                e.actor,
+                e.action,
+                e.target,
+                json_text(&e.detail)
+            ])
+            .map_err(db_err)?;
+            Ok(c.last_insert_rowid())
+        })
+        .await
+    }
+
+    async fn list_audit(
+        &self,
+        q: &AuditQuery,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<AuditPage, StoreError> {
+        let w = sql::audit_filter(Dialect::Sqlite, q, cursor)?;
+        let limit = limit.max(1);
+        let sql = format!(
+            "SELECT id, at_ms, actor, action, target, detail FROM audit_log{} \
+             ORDER BY at_ms DESC, id DESC LIMIT {}",
+            w.sql(),
+            limit.saturating_add(1)
+        );
+        let args = sql_values(w.args);
+        let mut entries = self
+            .with(move |c| {
+                let mut st = c.prepare(&sql).map_err(db_err)?;
+                let rows = st
+                    .query_map(rusqlite::params_from_iter(args), |r| {
+                        let detail: String = r.get(5)?;
+                        Ok(AuditEntry {
+                            id: r.get(0)?,
+                            at_ms: r.get(1)?,
+                            actor: r.get(2)?,
+                            action: r.get(3)?,
+                            target: r.get(4)?,
+                            detail: serde_json::from_str(&detail)
+                                .unwrap_or(serde_json::Value::Null),
+                        })
+                    })
+                    .map_err(db_err)?;
+                rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
+            })
+            .await?;
+        let next_cursor = if entries.len() > limit {
+            entries.truncate(limit);
+            entries
+                .last()
+                .map(|e| sql::encode_audit_cursor(e.at_ms, e.id))
+        } else {
+            None
+        };
+        Ok(AuditPage {
+            entries,
+            next_cursor,
+        })
+    }
+
+    async fn usage_rollup(&self, q: &RollupQuery) -> Result<Vec<RollupRow>, StoreError> {
+        let w = sql::rollup_filter(Dialect::Sqlite, q);
+        let group = group_column(q.group_by);
+        // SQLite's SUM cannot exceed i64 (it errors), so cells are summed here, in
+        // i128 and saturating u64: still O(days x keys x models) rollup rows.
+        let sql = format!(
+            "SELECT {group}, d.requests, d.ok_requests, d.prompt_tokens, d.completion_tokens, \
+             d.cost_pusd FROM usage_daily d LEFT JOIN api_keys k ON k.id = d.key_id{}",
+            w.sql()
+        );
+        let args = sql_values(w.args);
+        self.with(move |c| {
+            let mut groups: BTreeMap<Option<String>, RollupRow> = BTreeMap::new();
+            let mut st = c.prepare(&sql).map_err(db_err)?;
+            let mut rows = st.query(rusqlite::params_from_iter(args)).map_err(db_err)?;
+            while let Some(r) = rows.next().map_err(db_err)? {
+                let g: Option<String> = r.get(0).map_err(db_err)?;
+                let n = |i: usize| r.get::<_, i64>(i).map(|v| v.max(0) as u64);
+                let cost: String = r.get(5).map_err(db_err)?;
+                let cost: i128 = cost
+                    .parse()
+                    .map_err(|_| StoreError::Database(format!("usage_daily: bad cost {cost:?}")))?;
+                let row = groups.entry(g.clone()).or_insert_with(|| RollupRow {
+                    group: g,
+                    requests: 0,
+                    ok_requests: 0,
+                    failed: 0,
+                    prompt_tokens: 0,
+                    completion_tokens: 0,
+                    cost_pusd: 0,
+                });
+                row.requests = row.requests.saturating_add(n(1).map_err(db_err)?);
+                row.ok_requests = row.ok_requests.saturating_add(n(2).map_err(db_err)?);
+                row.prompt_tokens = row.prompt_tokens.saturating_add(n(3).map_err(db_err)?);
+                row.completion_tokens = row.completion_tokens.saturating_add(n(4).map_err(db_err)?);
+                row.cost_pusd = row.cost_pusd.saturating_add(cost);
+            }
+            Ok(groups
+                .into_values()
+                .map(|mut r| {
+                    r.failed = r.requests.saturating_sub(r.ok_requests);
+                    r
+                })
+                .collect())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use crate::store::conformance::{rollup_fixture, rollup_model, rollup_queries};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn migration_backfills_the_rollup_from_older_usage_rows() {
+        let store = SqliteStore::open(Path::new(":memory:")).unwrap();
+        // The schema as the build before the rollup left it, with its usage rows.
+        store.migrate_to(3).await.unwrap();
+        let (keys, rows) = rollup_fixture();
+        for k in &keys {
+            store.insert_key(k).await.unwrap();
+        }
+        let old = rows.clone();
+        store
+            .with(move |c| {
+                let tx = c.transaction().map_err(db_err)?;
+                insert_usage_rows(&tx, &old)?;
+                tx.commit().map_err(db_err)
+            })
+            .await
+            .unwrap();
+        assert!(store.usage_rollup(&RollupQuery::default()).await.is_err());
+
+        store.migrate().await.unwrap();
+        for q in rollup_queries() {
+            assert_eq!(
+                store.usage_rollup(&q).await.unwrap(),
+                rollup_model(&rows, &keys, &q),
+                "{q:?}"
+            );
+        }
+        // A replay of the old rows after the upgrade adds nothing.
+        store.insert_usage(&rows).await.unwrap();
+        let q = RollupQuery::default();
+        assert_eq!(
+            store.usage_rollup(&q).await.unwrap(),
+            rollup_model(&rows, &keys, &q)
+        );
     }
 }

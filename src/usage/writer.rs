@@ -369,7 +369,10 @@ mod tests {
     use super::*;
     use crate::keys::KeyRecord;
     use crate::store::sqlite::SqliteStore;
-    use crate::store::{ReportRow, UsageQuery};
+    use crate::store::{
+        AuditEntry, AuditPage, AuditQuery, KeyFilter, KeyPage, KeyPatch, ReportRow, RollupQuery,
+        RollupRow, UsageQuery,
+    };
     use crate::usage::TokenSource;
 
     /// An in-memory SQLite store whose usage inserts fail while `down` is set.
@@ -414,6 +417,46 @@ mod tests {
         }
         async fn usage_report(&self, q: &UsageQuery) -> Result<Vec<ReportRow>, StoreError> {
             self.inner.usage_report(q).await
+        }
+        async fn update_key(
+            &self,
+            id: &str,
+            patch: &KeyPatch,
+        ) -> Result<Option<KeyRecord>, StoreError> {
+            self.inner.update_key(id, patch).await
+        }
+        async fn rotate_key(
+            &self,
+            id: &str,
+            new_hash: &[u8; 32],
+            grace_until_ms: Option<i64>,
+        ) -> Result<Option<KeyRecord>, StoreError> {
+            self.inner.rotate_key(id, new_hash, grace_until_ms).await
+        }
+        async fn touch_keys(&self, uses: &[(String, i64)]) -> Result<(), StoreError> {
+            self.inner.touch_keys(uses).await
+        }
+        async fn find_keys(
+            &self,
+            filter: &KeyFilter,
+            limit: usize,
+            cursor: Option<&str>,
+        ) -> Result<KeyPage, StoreError> {
+            self.inner.find_keys(filter, limit, cursor).await
+        }
+        async fn insert_audit(&self, entry: &AuditEntry) -> Result<i64, StoreError> {
+            self.inner.insert_audit(entry).await
+        }
+        async fn list_audit(
+            &self,
+            q: &AuditQuery,
+            limit: usize,
+            cursor: Option<&str>,
+        ) -> Result<AuditPage, StoreError> {
+            self.inner.list_audit(q, limit, cursor).await
+        }
+        async fn usage_rollup(&self, q: &RollupQuery) -> Result<Vec<RollupRow>, StoreError> {
+            self.inner.usage_rollup(q).await
         }
     }
 

@@ -184,17 +184,16 @@ tiers:
     ) -> (String, String) {
         let k = keys::generate().unwrap();
         let rec = KeyRecord {
-            id: k.id.clone(),
             name: Some("test".into()),
             owner: Some("tester".into()),
-            project: None,
-            tier: tier.into(),
             models: models.iter().map(|s| s.to_string()).collect(),
-            created_at_ms: ai4free::usage::now_ms(),
             expires_at_ms,
-            revoked_at_ms: None,
-            secret_hash: k.secret_hash,
-            rev: 0,
+            ..KeyRecord::new(
+                k.id.clone(),
+                tier.into(),
+                k.secret_hash,
+                ai4free::usage::now_ms(),
+            )
         };
         rt().block_on(self.store.insert_key(&rec)).unwrap();
         (k.id, k.key)
