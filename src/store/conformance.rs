@@ -38,6 +38,11 @@ pub(super) struct TestSchema {
 }
 
 impl TestSchema {
+    /// The schema's name.
+    pub(super) fn name(&self) -> &str {
+        &self.name
+    }
+
     pub(super) async fn create() -> TestSchema {
         let base = test_pg_url();
         let name = format!("t_{:016x}", getrandom::u64().expect("random schema name"));

@@ -8,7 +8,9 @@
 //!   commit, so a writer holding rev 5 could commit after rev 6 is visible and a
 //!   poller already at 6 would never see 5. The counter's row lock makes key writes
 //!   commit in rev order, so `keys_changed_since` cannot skip a change. The same
-//!   statement queues `pg_notify('ai4free_keys', rev)`, delivered on commit only.
+//!   statement queues `pg_notify('ai4free_keys', '<schema>:<rev>')`, delivered on
+//!   commit only. Channels are per database, not per schema, so the payload names
+//!   the schema: deployments (or tests) sharing a database never see each other's.
 //! - **Every call has one deadline** ([`PgOptions::query_timeout`]) covering pool
 //!   checkout and every statement, so a down or blackholed server never hangs a
 //!   caller. A connection whose call timed out is discarded, not returned to the
@@ -581,7 +583,7 @@ async fn next_rev(tx: &Transaction<'_>, op: &'static str) -> Result<i64, StoreEr
     let st = tx
         .prepare_cached(
             "UPDATE ai4free_key_rev SET rev = rev + 1 \
-             RETURNING rev, pg_notify('ai4free_keys', rev::text)",
+             RETURNING rev, pg_notify('ai4free_keys', current_schema() || ':' || rev)",
         )
         .await
         .map_err(pg(op))?;
@@ -1471,23 +1473,22 @@ mod tests {
         assert!(store.revoke_key("a", 4).await.unwrap());
         let rev = store.max_key_rev().await.unwrap();
 
-        let mut got = Vec::new();
-        while got.len() < 2 {
-            let n = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        let prefix = format!("{}:", schema.name());
+        let mut mine = async || loop {
+            let (channel, payload) = tokio::time::timeout(Duration::from_secs(5), rx.recv())
                 .await
                 .expect("notification within 5 s")
                 .unwrap();
-            got.push(n);
-        }
+            // Tests in other schemas of the same database notify on the same channel.
+            if let Some(rev) = payload.strip_prefix(&prefix) {
+                return (channel, rev.to_owned());
+            }
+        };
+        let mut got = vec![mine().await, mine().await];
         // Only the two committed writes notified; the refused ones rolled theirs back,
         // so the next notification is the next write's.
         store.insert_key(&key("b", 5)).await.unwrap();
-        got.push(
-            tokio::time::timeout(Duration::from_secs(5), rx.recv())
-                .await
-                .expect("notification within 5 s")
-                .unwrap(),
-        );
+        got.push(mine().await);
         let channel = "ai4free_keys".to_owned();
         assert_eq!(
             got,
