@@ -20,6 +20,15 @@ use common::pg::PgServer;
 use common::redis::{away_from_window_edge, RedisServer};
 use serde_json::{json, Value};
 
+/// The tests here each run several gateway processes and servers; on two cores,
+/// running them one at a time keeps their latency bounds about the gateway, not
+/// about the machine being oversubscribed.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn mock() -> MockHandle {
     mock::start_in_thread("127.0.0.1:0".parse().unwrap(), MockConfig::default()).unwrap()
 }
@@ -67,6 +76,7 @@ fn three_nodes(dir: &std::path::Path, shared: &str) -> Vec<Node> {
 
 #[test]
 fn a_key_revoked_through_one_node_is_refused_by_the_others_within_a_second() {
+    let _serial = serial();
     let pg = PgServer::start();
     let mock = mock();
     let dir = tempfile::tempdir().unwrap();
@@ -213,6 +223,7 @@ impl Load {
 
 #[test]
 fn a_30_second_database_outage_under_load_loses_no_usage_row_and_fails_no_request() {
+    let _serial = serial();
     let pg = PgServer::start();
     let mock = mock();
     let dir = tempfile::tempdir().unwrap();
@@ -371,6 +382,7 @@ fn redis_yaml(url: &str, on_failure: &str) -> String {
 
 #[test]
 fn three_nodes_offered_three_times_the_limit_let_exactly_the_limit_through() {
+    let _serial = serial();
     let pg = PgServer::start();
     let redis = RedisServer::start();
     let mock = mock();
@@ -418,6 +430,7 @@ fn three_nodes_offered_three_times_the_limit_let_exactly_the_limit_through() {
 
 #[test]
 fn a_redis_outage_degrades_to_local_shares_within_the_timeout_and_recovers_by_itself() {
+    let _serial = serial();
     let pg = PgServer::start();
     let mut redis = RedisServer::start();
     let mock = mock();
