@@ -38,10 +38,10 @@ use tokio::time::{timeout_at, Instant};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
-use super::sql::{self, Dialect, SqlArg};
+use super::sql::{self, hash32, json_text, to_i64, Dialect, SqlArg, KEY_COLS, USAGE_COLS};
 use super::{
-    encode_key_cursor, AuditEntry, AuditPage, AuditQuery, GroupBy, KeyFilter, KeyPage, KeyPatch,
-    ReportRow, RollupQuery, RollupRow, Store, StoreError, UsageQuery,
+    encode_key_cursor, AuditEntry, AuditPage, AuditQuery, KeyFilter, KeyPage, KeyPatch, ReportRow,
+    RollupQuery, RollupRow, Store, StoreError, UsageQuery,
 };
 use crate::keys::KeyRecord;
 use crate::usage::{TokenSource, UsageRecord};
@@ -328,8 +328,6 @@ macro_rules! call {
     }};
 }
 
-const KEY_COLS: &str = "id, name, owner, project, tier, models, created_at_ms, expires_at_ms, revoked_at_ms, secret_hash, rev, metadata, limits, last_used_at_ms, previous_secret_hash, previous_valid_until_ms";
-
 /// The select list for [`key_from_row`]; JSON columns travel as text.
 const KEY_SELECT: &str = "id, name, owner, project, tier, models::text, created_at_ms, expires_at_ms, revoked_at_ms, secret_hash, rev, metadata::text, limits::text, last_used_at_ms, previous_secret_hash, previous_valid_until_ms";
 
@@ -359,24 +357,12 @@ fn key_from_row(r: &Row) -> Result<KeyRecord, tokio_postgres::Error> {
     })
 }
 
-/// A stored hash as the fixed-size array (None if the column is malformed).
-fn hash32(bytes: &[u8]) -> Option<[u8; 32]> {
-    bytes.try_into().ok()
-}
-
-/// JSON text of a value that always serializes (maps, plain structs).
-fn json_text<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_string(v).unwrap_or_else(|_| "{}".into())
-}
-
 fn keys_from_rows(rows: &[Row], op: &'static str) -> Result<Vec<KeyRecord>, StoreError> {
     rows.iter()
         .map(key_from_row)
         .collect::<Result<_, _>>()
         .map_err(pg(op))
 }
-
-const USAGE_COLS: &str = "request_id, key_id, model, provider, endpoint, prompt_tokens, cached_prompt_tokens, completion_tokens, cost_pusd, input_price_micros, output_price_micros, status, stream, token_source, started_at_ms, latency_ms, ttfb_ms, error";
 
 fn usage_from_row(r: &Row) -> Result<UsageRecord, tokio_postgres::Error> {
     let source: String = r.try_get(13)?;
@@ -537,34 +523,6 @@ fn pg_text(s: &str) -> Cow<'_, str> {
     } else {
         Cow::Borrowed(s)
     }
-}
-
-fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-/// The `WHERE` clause of a usage query and its parameters (`$1`, `$2`, … in order).
-fn where_clause(q: &UsageQuery) -> (String, Vec<&(dyn ToSql + Sync)>) {
-    let mut clauses = Vec::new();
-    let mut args: Vec<&(dyn ToSql + Sync)> = Vec::new();
-    if let Some(s) = &q.since_ms {
-        args.push(s);
-        clauses.push(format!("started_at_ms >= ${}", args.len()));
-    }
-    if let Some(u) = &q.until_ms {
-        args.push(u);
-        clauses.push(format!("started_at_ms < ${}", args.len()));
-    }
-    if let Some(k) = &q.key_id {
-        args.push(k);
-        clauses.push(format!("key_id = ${}", args.len()));
-    }
-    let sql = if clauses.is_empty() {
-        String::new()
-    } else {
-        format!(" WHERE {}", clauses.join(" AND "))
-    };
-    (sql, args)
 }
 
 /// Parses a `NUMERIC` sum sent as text (exact, never through a float).
@@ -936,9 +894,11 @@ impl Store for PostgresStore {
     }
 
     async fn query_usage(&self, q: &UsageQuery) -> Result<Vec<UsageRecord>, StoreError> {
-        let (w, args) = where_clause(q);
+        let w = sql::usage_filter(Dialect::Postgres, q);
+        let args = pg_args(&w.args);
         let sql = format!(
-            "SELECT {USAGE_COLS} FROM usage{w} ORDER BY started_at_ms, request_id COLLATE \"C\""
+            "SELECT {USAGE_COLS} FROM usage{} ORDER BY started_at_ms, request_id COLLATE \"C\"",
+            w.sql()
         );
         let rows = call!(self, "query_usage", self.deadline(), |c| query_rows(
             &c,
@@ -953,14 +913,16 @@ impl Store for PostgresStore {
     }
 
     async fn usage_report(&self, q: &UsageQuery) -> Result<Vec<ReportRow>, StoreError> {
-        let (w, args) = where_clause(q);
+        let w = sql::usage_filter(Dialect::Postgres, q);
+        let args = pg_args(&w.args);
         // Sums of BIGINT are NUMERIC: exact at any size; sent as text, parsed to i128.
         let sql = format!(
             "SELECT key_id, model, COUNT(*), \
              COUNT(*) FILTER (WHERE status BETWEEN 200 AND 299), \
              SUM(prompt_tokens)::text, SUM(completion_tokens)::text, SUM(cost_pusd)::text \
-             FROM usage{w} GROUP BY key_id, model \
-             ORDER BY key_id COLLATE \"C\", model COLLATE \"C\""
+             FROM usage{} GROUP BY key_id, model \
+             ORDER BY key_id COLLATE \"C\", model COLLATE \"C\"",
+            w.sql()
         );
         let rows = call!(self, "usage_report", self.deadline(), |c| query_rows(
             &c,
@@ -1122,13 +1084,7 @@ impl Store for PostgresStore {
 
     async fn usage_rollup(&self, q: &RollupQuery) -> Result<Vec<RollupRow>, StoreError> {
         let w = sql::rollup_filter(Dialect::Postgres, q);
-        let group = match q.group_by {
-            GroupBy::Day => "d.day",
-            GroupBy::Model => "d.model",
-            GroupBy::Key => "d.key_id",
-            GroupBy::Owner => "k.owner",
-            GroupBy::Project => "k.project",
-        };
+        let group = sql::group_column(q.group_by);
         // NUMERIC sums, sent as text and parsed exactly.
         let sql = format!(
             "SELECT {group}, SUM(d.requests)::text, SUM(d.ok_requests)::text, \
@@ -1342,30 +1298,6 @@ mod tests {
             }
         });
         addr
-    }
-
-    #[test]
-    fn where_clause_numbers_parameters_in_order() {
-        let q = UsageQuery {
-            since_ms: Some(1),
-            until_ms: None,
-            key_id: Some("k".into()),
-        };
-        let (sql, args) = where_clause(&q);
-        assert_eq!(sql, " WHERE started_at_ms >= $1 AND key_id = $2");
-        assert_eq!(args.len(), 2);
-        let none = UsageQuery::default();
-        let (sql, args) = where_clause(&none);
-        assert_eq!((sql.as_str(), args.len()), ("", 0));
-        let full = UsageQuery {
-            since_ms: Some(1),
-            until_ms: Some(2),
-            key_id: Some("k".into()),
-        };
-        assert_eq!(
-            where_clause(&full).0,
-            " WHERE started_at_ms >= $1 AND started_at_ms < $2 AND key_id = $3"
-        );
     }
 
     #[test]

@@ -1,12 +1,46 @@
-//! SQL text shared by both stores: `WHERE` clauses for key search, audit paging and
-//! rollup reports, built once for either placeholder dialect.
+//! SQL text shared by both stores: column lists, `WHERE` clauses for usage queries,
+//! key search, audit paging and rollup reports, built once for either placeholder
+//! dialect, and the small value conversions both drivers need.
 //!
 //! Pure (no IO): the stores bind [`SqlArg`]s to their own driver types. Every value
 //! travels as a parameter, never inside the SQL text.
 
 use super::{
-    decode_key_cursor, like_escape, AuditQuery, KeyFilter, KeyStatusFilter, RollupQuery, StoreError,
+    decode_key_cursor, like_escape, AuditQuery, GroupBy, KeyFilter, KeyStatusFilter, RollupQuery,
+    StoreError, UsageQuery,
 };
+
+/// The columns of `api_keys`, in the order both stores' row readers index them.
+pub(crate) const KEY_COLS: &str = "id, name, owner, project, tier, models, created_at_ms, expires_at_ms, revoked_at_ms, secret_hash, rev, metadata, limits, last_used_at_ms, previous_secret_hash, previous_valid_until_ms";
+
+/// The columns of `usage`, in the order both stores' row readers index them.
+pub(crate) const USAGE_COLS: &str = "request_id, key_id, model, provider, endpoint, prompt_tokens, cached_prompt_tokens, completion_tokens, cost_pusd, input_price_micros, output_price_micros, status, stream, token_source, started_at_ms, latency_ms, ttfb_ms, error";
+
+/// A stored hash as the fixed-size array (None if the column is malformed).
+pub(crate) fn hash32(bytes: &[u8]) -> Option<[u8; 32]> {
+    bytes.try_into().ok()
+}
+
+/// JSON text of a value that always serializes (maps, plain structs).
+pub(crate) fn json_text<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "{}".into())
+}
+
+/// Counters are `u64` in Rust and `BIGINT` in both databases; saturate, never wrap.
+pub(crate) fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// The rollup column a report groups by (`d` = usage_daily, `k` = api_keys).
+pub(crate) fn group_column(g: GroupBy) -> &'static str {
+    match g {
+        GroupBy::Day => "d.day",
+        GroupBy::Model => "d.model",
+        GroupBy::Key => "d.key_id",
+        GroupBy::Owner => "k.owner",
+        GroupBy::Project => "k.project",
+    }
+}
 
 /// A bound parameter.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,6 +109,24 @@ impl Where {
             format!(" WHERE {}", self.clauses.join(" AND "))
         }
     }
+}
+
+/// The `WHERE` of a usage query over `usage`.
+pub(crate) fn usage_filter(dialect: Dialect, q: &UsageQuery) -> Where {
+    let mut w = Where::new(dialect);
+    if let Some(s) = q.since_ms {
+        let p = w.arg(SqlArg::Int(s));
+        w.push(format!("started_at_ms >= {p}"));
+    }
+    if let Some(u) = q.until_ms {
+        let p = w.arg(SqlArg::Int(u));
+        w.push(format!("started_at_ms < {p}"));
+    }
+    if let Some(k) = &q.key_id {
+        let p = w.text(k);
+        w.push(format!("key_id = {p}"));
+    }
+    w
 }
 
 /// The `WHERE` of a key search over `api_keys`, resuming after `cursor`.
@@ -211,6 +263,29 @@ pub(crate) fn rollup_filter(dialect: Dialect, q: &RollupQuery) -> Where {
 mod tests {
     use super::*;
     use crate::store::encode_key_cursor;
+
+    #[test]
+    fn usage_filter_numbers_parameters_in_order() {
+        let q = UsageQuery {
+            since_ms: Some(1),
+            until_ms: None,
+            key_id: Some("k".into()),
+        };
+        let w = usage_filter(Dialect::Postgres, &q);
+        assert_eq!(w.sql(), " WHERE started_at_ms >= $1 AND key_id = $2");
+        assert_eq!(w.args.len(), 2);
+        let w = usage_filter(Dialect::Postgres, &UsageQuery::default());
+        assert_eq!((w.sql().as_str(), w.args.len()), ("", 0));
+        let full = UsageQuery {
+            since_ms: Some(1),
+            until_ms: Some(2),
+            key_id: Some("k".into()),
+        };
+        assert_eq!(
+            usage_filter(Dialect::Postgres, &full).sql(),
+            " WHERE started_at_ms >= $1 AND started_at_ms < $2 AND key_id = $3"
+        );
+    }
 
     #[test]
     fn key_filter_numbers_and_binds_in_order() {

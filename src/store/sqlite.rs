@@ -12,10 +12,10 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::sql::{self, Dialect, SqlArg};
+use super::sql::{self, hash32, json_text, to_i64, Dialect, SqlArg, KEY_COLS, USAGE_COLS};
 use super::{
-    day_of_ms, encode_key_cursor, AuditEntry, AuditPage, AuditQuery, GroupBy, KeyFilter, KeyPage,
-    KeyPatch, ReportRow, RollupQuery, RollupRow, Store, StoreError, UsageQuery,
+    day_of_ms, encode_key_cursor, AuditEntry, AuditPage, AuditQuery, KeyFilter, KeyPage, KeyPatch,
+    ReportRow, RollupQuery, RollupRow, Store, StoreError, UsageQuery,
 };
 use crate::keys::KeyRecord;
 use crate::usage::{TokenSource, UsageRecord};
@@ -315,8 +315,6 @@ impl SqliteStore {
     }
 }
 
-const KEY_COLS: &str = "id, name, owner, project, tier, models, created_at_ms, expires_at_ms, revoked_at_ms, secret_hash, rev, metadata, limits, last_used_at_ms, previous_secret_hash, previous_valid_until_ms";
-
 fn key_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRecord> {
     let models: String = r.get(5)?;
     let metadata: String = r.get(11)?;
@@ -340,8 +338,6 @@ fn key_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRecord> {
         rev: r.get(10)?,
     })
 }
-
-const USAGE_COLS: &str = "request_id, key_id, model, provider, endpoint, prompt_tokens, cached_prompt_tokens, completion_tokens, cost_pusd, input_price_micros, output_price_micros, status, stream, token_source, started_at_ms, latency_ms, ttfb_ms, error";
 
 fn usage_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UsageRecord> {
     let source: String = r.get(13)?;
@@ -367,40 +363,6 @@ fn usage_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UsageRecord> {
     })
 }
 
-fn where_clause(q: &UsageQuery) -> (String, Vec<rusqlite::types::Value>) {
-    use rusqlite::types::Value;
-    let mut clauses = Vec::new();
-    let mut args = Vec::new();
-    if let Some(s) = q.since_ms {
-        clauses.push("started_at_ms >= ?");
-        args.push(Value::Integer(s));
-    }
-    if let Some(u) = q.until_ms {
-        clauses.push("started_at_ms < ?");
-        args.push(Value::Integer(u));
-    }
-    if let Some(k) = &q.key_id {
-        clauses.push("key_id = ?");
-        args.push(Value::Text(k.clone()));
-    }
-    let sql = if clauses.is_empty() {
-        String::new()
-    } else {
-        format!(" WHERE {}", clauses.join(" AND "))
-    };
-    (sql, args)
-}
-
-/// A stored hash as the fixed-size array (None if the column is malformed).
-fn hash32(bytes: &[u8]) -> Option<[u8; 32]> {
-    bytes.try_into().ok()
-}
-
-/// JSON text of a value that always serializes (maps, plain structs).
-fn json_text<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_string(v).unwrap_or_else(|_| "{}".into())
-}
-
 fn sql_values(args: Vec<SqlArg>) -> Vec<rusqlite::types::Value> {
     use rusqlite::types::Value;
     args.into_iter()
@@ -421,17 +383,6 @@ fn select_key(c: &Connection, id: &str) -> Result<Option<KeyRecord>, StoreError>
         .query_row([id], key_from_row)
         .optional()
         .map_err(db_err)
-}
-
-/// The rollup column a report groups by (`d` = usage_daily, `k` = api_keys).
-fn group_column(g: GroupBy) -> &'static str {
-    match g {
-        GroupBy::Day => "d.day",
-        GroupBy::Model => "d.model",
-        GroupBy::Key => "d.key_id",
-        GroupBy::Owner => "k.owner",
-        GroupBy::Project => "k.project",
-    }
 }
 
 /// Rows per `touch_keys` statement (two parameters each, far below SQLite's limit).
@@ -489,10 +440,6 @@ fn insert_usage_rows(tx: &Connection, rows: &[UsageRecord]) -> Result<DailyCells
     Ok(cells)
 }
 
-fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
 #[async_trait]
 impl Store for SqliteStore {
     async fn migrate(&self) -> Result<(), StoreError> {
@@ -510,7 +457,7 @@ impl Store for SqliteStore {
             let limits = json_text(&k.limits);
             let n = tx
                 .execute(
-                    &format!("INSERT OR IGNORE INTO api_keys ({KEY_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,(SELECT COALESCE(MAX(rev),0)+1 FROM api_keys),?,?,?,?,?)"),
+                    &format!("INSERT OR IGNORE INTO api_keys ({KEY_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,{NEXT_REV},?,?,?,?,?)"),
                     params![k.id, k.name, k.owner, k.project, k.tier, models, k.created_at_ms, k.expires_at_ms, k.revoked_at_ms, k.secret_hash.to_vec(),
                         metadata, limits, k.last_used_at_ms, k.previous_secret_hash.map(|h| h.to_vec()), k.previous_valid_until_ms],
                 )
@@ -525,14 +472,7 @@ impl Store for SqliteStore {
 
     async fn get_key(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
         let id = id.to_owned();
-        self.with(move |c| {
-            c.prepare_cached(&format!("SELECT {KEY_COLS} FROM api_keys WHERE id = ?"))
-                .map_err(db_err)?
-                .query_row([id], key_from_row)
-                .optional()
-                .map_err(db_err)
-        })
-        .await
+        self.with(move |c| select_key(c, &id)).await
     }
 
     async fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
@@ -603,7 +543,8 @@ impl Store for SqliteStore {
     }
 
     async fn query_usage(&self, q: &UsageQuery) -> Result<Vec<UsageRecord>, StoreError> {
-        let (w, args) = where_clause(q);
+        let filter = sql::usage_filter(Dialect::Sqlite, q);
+        let (w, args) = (filter.sql(), sql_values(filter.args));
         self.with(move |c| {
             let mut st = c
                 .prepare(&format!(
@@ -619,7 +560,8 @@ impl Store for SqliteStore {
     }
 
     async fn usage_report(&self, q: &UsageQuery) -> Result<Vec<ReportRow>, StoreError> {
-        let (w, args) = where_clause(q);
+        let filter = sql::usage_filter(Dialect::Sqlite, q);
+        let (w, args) = (filter.sql(), sql_values(filter.args));
         self.with(move |c| {
             // Costs are summed as text-free integers per group in Rust (i128) so that a
             // large history cannot overflow SQLite's 64-bit SUM.
@@ -891,7 +833,7 @@ impl Store for SqliteStore {
 
     async fn usage_rollup(&self, q: &RollupQuery) -> Result<Vec<RollupRow>, StoreError> {
         let w = sql::rollup_filter(Dialect::Sqlite, q);
-        let group = group_column(q.group_by);
+        let group = sql::group_column(q.group_by);
         // SQLite's SUM cannot exceed i64 (it errors), so cells are summed here, in
         // i128 and saturating u64: still O(days x keys x models) rollup rows.
         let sql = format!(
