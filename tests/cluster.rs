@@ -37,18 +37,22 @@ fn chat() -> Value {
     json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
 }
 
+/// One chat request through the gateway at `addr`.
+fn chat_response(addr: SocketAddr, key: &str) -> http::RawResponse {
+    rt().block_on(http::post_json(
+        addr,
+        "/v1/chat/completions",
+        Some(key),
+        &chat(),
+        &[],
+    ))
+    .unwrap()
+}
+
 /// One chat request; returns (status, x-request-id, elapsed).
 fn call(addr: SocketAddr, key: &str) -> (u16, Option<String>, Duration) {
     let t = Instant::now();
-    let r = rt()
-        .block_on(http::post_json(
-            addr,
-            "/v1/chat/completions",
-            Some(key),
-            &chat(),
-            &[],
-        ))
-        .unwrap();
+    let r = chat_response(addr, key);
     (r.status, r.header("x-request-id"), t.elapsed())
 }
 
@@ -348,15 +352,7 @@ fn wait_until_recovered(nodes: &[Node], key: &str) {
     let back = Instant::now();
     for n in nodes {
         loop {
-            let r = rt()
-                .block_on(http::post_json(
-                    n.addr,
-                    "/v1/chat/completions",
-                    Some(key),
-                    &chat(),
-                    &[],
-                ))
-                .unwrap();
+            let r = chat_response(n.addr, key);
             if r.header("x-ai4free-ratelimit").is_none() {
                 break;
             }
@@ -446,15 +442,7 @@ fn a_redis_outage_degrades_to_local_shares_within_the_timeout_and_recovers_by_it
     let (_, limited_key) = create_key(&nodes[0], "limited");
     std::thread::sleep(Duration::from_millis(600));
     for n in &nodes {
-        let r = rt()
-            .block_on(http::post_json(
-                n.addr,
-                "/v1/chat/completions",
-                Some(&key),
-                &chat(),
-                &[],
-            ))
-            .unwrap();
+        let r = chat_response(n.addr, &key);
         assert_eq!(r.status, 200);
         assert_eq!(r.header("x-ai4free-ratelimit"), None);
     }
@@ -466,15 +454,7 @@ fn a_redis_outage_degrades_to_local_shares_within_the_timeout_and_recovers_by_it
     redis.pause();
     std::thread::sleep(Duration::from_secs(2));
     for n in &nodes {
-        let r = rt()
-            .block_on(http::post_json(
-                n.addr,
-                "/v1/chat/completions",
-                Some(&key),
-                &chat(),
-                &[],
-            ))
-            .unwrap();
+        let r = chat_response(n.addr, &key);
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(
             r.header("x-ai4free-ratelimit").as_deref(),
@@ -502,15 +482,7 @@ fn a_redis_outage_degrades_to_local_shares_within_the_timeout_and_recovers_by_it
     redis.kill();
     std::thread::sleep(Duration::from_millis(500));
     for n in &nodes {
-        let r = rt()
-            .block_on(http::post_json(
-                n.addr,
-                "/v1/chat/completions",
-                Some(&key),
-                &chat(),
-                &[],
-            ))
-            .unwrap();
+        let r = chat_response(n.addr, &key);
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(
             r.header("x-ai4free-ratelimit").as_deref(),

@@ -257,8 +257,7 @@ impl Spool {
                 return Ok(None);
             };
             if self.read_offset >= seg.len {
-                let is_active = self.segments.len() == 1 && self.writer.is_some();
-                if is_active {
+                if self.front_is_appended_to() {
                     return Ok(None);
                 }
                 self.retire_front()?;
@@ -301,8 +300,7 @@ impl Spool {
         self.pending = self.pending.saturating_sub(batch.end - self.read_offset);
         self.read_offset = batch.end;
         if self.read_offset >= seg.len {
-            let is_active = self.segments.len() == 1 && self.writer.is_some();
-            if is_active {
+            if self.front_is_appended_to() {
                 // Everything is replayed: start over in a fresh file instead of
                 // growing this one for ever.
                 self.writer = None;
@@ -310,6 +308,11 @@ impl Spool {
             self.retire_front()?;
         }
         Ok(())
+    }
+
+    /// Whether the oldest segment is also the one this run appends to.
+    fn front_is_appended_to(&self) -> bool {
+        self.segments.len() == 1 && self.writer.is_some()
     }
 
     fn retire_front(&mut self) -> Result<(), SpoolError> {
@@ -336,32 +339,32 @@ fn valid_prefix_len(path: &Path) -> io::Result<u64> {
     Ok(pos as u64)
 }
 
+/// A frame header's payload length and checksum; None for a length no batch has.
+fn header(h: &[u8]) -> Option<(usize, u32)> {
+    let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
+    let crc = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+    (len <= MAX_FRAME).then_some((len as usize, crc))
+}
+
 /// The payload length of a whole, valid frame starting at `pos`.
 fn frame_at(data: &[u8], pos: usize) -> Option<usize> {
-    let header = data.get(pos..pos + FRAME_HEADER)?;
-    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
-    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-    if len > MAX_FRAME {
-        return None;
-    }
+    let (len, crc) = header(data.get(pos..pos + FRAME_HEADER)?)?;
     let start = pos + FRAME_HEADER;
-    let payload = data.get(start..start + len as usize)?;
-    (crc32fast::hash(payload) == crc).then_some(len as usize)
+    let payload = data.get(start..start + len)?;
+    (crc32fast::hash(payload) == crc).then_some(len)
 }
 
 fn read_frame(path: &Path, offset: u64) -> io::Result<Option<Vec<u8>>> {
     let mut f = File::open(path)?;
     f.seek(SeekFrom::Start(offset))?;
-    let mut header = [0u8; FRAME_HEADER];
-    if f.read_exact(&mut header).is_err() {
+    let mut head = [0u8; FRAME_HEADER];
+    if f.read_exact(&mut head).is_err() {
         return Ok(None);
     }
-    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
-    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-    if len > MAX_FRAME {
+    let Some((len, crc)) = header(&head) else {
         return Ok(None);
-    }
-    let mut payload = vec![0u8; len as usize];
+    };
+    let mut payload = vec![0u8; len];
     if f.read_exact(&mut payload).is_err() || crc32fast::hash(&payload) != crc {
         return Ok(None);
     }
@@ -403,6 +406,16 @@ mod tests {
         (from..from + n).map(row).collect()
     }
 
+    /// The segment files in `dir`.
+    fn segments(dir: &Path) -> Vec<PathBuf> {
+        fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".spool"))
+            .map(|e| e.path())
+            .collect()
+    }
+
     fn drain(s: &mut Spool) -> Vec<UsageRecord> {
         let mut out = Vec::new();
         while let Some(b) = s.peek().unwrap() {
@@ -431,11 +444,7 @@ mod tests {
         assert!(s.is_empty());
         assert!(s.peek().unwrap().is_none());
         // Replayed files are removed.
-        let left: Vec<_> = fs::read_dir(dir.path())
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".spool"))
-            .collect();
+        let left = segments(dir.path());
         assert!(left.is_empty(), "{left:?}");
         // And appending works again afterwards.
         s.append(&batch(9, 1)).unwrap();
@@ -452,12 +461,7 @@ mod tests {
             s.sync().unwrap();
         }
         // Simulate a crash in the middle of a third append.
-        let seg = fs::read_dir(dir.path())
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .find(|e| e.file_name().to_string_lossy().ends_with(".spool"))
-            .unwrap()
-            .path();
+        let seg = segments(dir.path()).remove(0);
         let good_len = fs::metadata(&seg).unwrap().len();
         let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
         f.write_all(&[200, 0, 0, 0, 1, 2, 3, 4, b'[', b'{'])
@@ -478,12 +482,7 @@ mod tests {
             s.append(&batch(0, 2)).unwrap();
             s.append(&batch(2, 2)).unwrap();
         }
-        let seg = fs::read_dir(dir.path())
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .find(|e| e.file_name().to_string_lossy().ends_with(".spool"))
-            .unwrap()
-            .path();
+        let seg = segments(dir.path()).remove(0);
         let mut data = fs::read(&seg).unwrap();
         let last = data.len() - 2;
         data[last] ^= 0xff;
@@ -527,13 +526,7 @@ mod tests {
             expected.extend(rows.iter().cloned());
             s.append(&rows).unwrap();
         }
-        let files = fs::read_dir(dir.path())
-            .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".spool"))
-            })
-            .count();
+        let files = segments(dir.path()).len();
         assert!(files > 1, "expected several segments, got {files}");
         drop(s);
         let mut s = Spool::open(dir.path(), 1 << 30, Duration::ZERO).unwrap();
