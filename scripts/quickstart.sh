@@ -12,10 +12,11 @@ echo "==> building (first build takes a few minutes)"
 cargo build --locked --bin ai4free --example mock_provider
 
 CONFIG="${AI4FREE_CONFIG:-conf/ai4free.yaml}"
-BIN=target/debug/ai4free
+TARGET="${CARGO_TARGET_DIR:-target}"
+BIN="$TARGET/debug/ai4free"
 "$BIN" check-config --config "$CONFIG"
 
-target/debug/examples/mock_provider --listen 127.0.0.1:9090 --chunk-delay-ms 30 &
+"$TARGET"/debug/examples/mock_provider --listen 127.0.0.1:9090 --chunk-delay-ms 30 &
 MOCK_PID=$!
 trap 'kill $MOCK_PID 2>/dev/null || true' EXIT INT TERM
 
