@@ -541,18 +541,20 @@ impl Config {
         self.index.bare.get(requested).copied()
     }
 
-    /// The usage spool directory: `usage.spool_dir` if set, else `spool/` beside the
-    /// SQLite file, else `data/spool` (PostgreSQL, or an in-memory SQLite).
+    /// The usage spool directory: `usage.spool_dir` if set, else `<db file>.spool`
+    /// beside the SQLite file (named after the file, so gateways with different
+    /// databases in one directory never contend for one spool), else `data/spool`
+    /// (PostgreSQL, or an in-memory SQLite).
     pub fn spool_dir(&self) -> PathBuf {
         if let Some(d) = &self.usage.spool_dir {
             return d.clone();
         }
         match &self.storage {
-            Storage::Sqlite { path } if path.as_os_str() != ":memory:" => path
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(Path::new("."))
-                .join("spool"),
+            Storage::Sqlite { path } if path.as_os_str() != ":memory:" => {
+                let mut dir = path.as_os_str().to_owned();
+                dir.push(".spool");
+                PathBuf::from(dir)
+            }
             _ => PathBuf::from("data/spool"),
         }
     }

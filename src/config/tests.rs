@@ -877,3 +877,29 @@ fn redis_debug_output_redacts_the_password() {
     assert!(!debug.contains("hunter2"), "{debug}");
     assert!(debug.contains("redis://user:***@h:6379/0"), "{debug}");
 }
+
+#[test]
+fn spool_dir_defaults_follow_the_storage() {
+    let dir = |extra: &str| with_top(extra).unwrap().spool_dir();
+    assert_eq!(
+        dir("storage: \"sqlite://data/a.db\"\n"),
+        PathBuf::from("data/a.db.spool")
+    );
+    // Two databases in one directory get two spools.
+    assert_ne!(
+        dir("storage: \"sqlite:///srv/x/one.db\"\n"),
+        dir("storage: \"sqlite:///srv/x/two.db\"\n")
+    );
+    assert_eq!(
+        dir("storage: \"sqlite::memory:\"\n"),
+        PathBuf::from("data/spool")
+    );
+    assert_eq!(
+        dir("storage: \"postgres://u@h/db\"\n"),
+        PathBuf::from("data/spool")
+    );
+    assert_eq!(
+        dir("usage: { spool_dir: /var/spool/a4f }\n"),
+        PathBuf::from("/var/spool/a4f")
+    );
+}
