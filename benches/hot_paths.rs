@@ -262,27 +262,25 @@ criterion_group! {
 }
 criterion_main!(benches);
 
-// Measured on this machine (2 cores, shared and noisy), 2026-11-28,
-// `cargo bench --bench hot_paths -- --warm-up-time 1 --measurement-time 3`,
-// release profile (fat LTO); criterion medians from the quieter of two runs
-// (the other was 10-45% slower across the board).
+// Measured on this machine (2 cores, shared and noisy), 2026-11-28 05:13 run
+// (after issue 3), `cargo bench --bench hot_paths -- --warm-up-time 1
+// --measurement-time 3`, release profile (fat LTO), criterion medians. This run
+// was faster across the board than the 03:32 one (in brackets): compare rows, not
+// runs.
 //
-// keys/parse                               73 ns
-// keys/authenticate_hit/poll_once         216 ns   the future alone, no runtime
-// keys/authenticate_hit/block_on          258 ns   Runtime::block_on per call
-// keys/authenticate_hit/to_async          192 ns   criterion's to_async (one
+// keys/parse                               44 ns   (73)
+// keys/authenticate_hit/poll_once         174 ns   (216) the future alone, no runtime
+// keys/authenticate_hit/block_on          269 ns   (258) Runtime::block_on per call
+// keys/authenticate_hit/to_async          154 ns   (192) criterion's to_async (one
 //                                                  block_on per batch)
-// keys/block_on_empty                      61 ns   block_on of an empty future:
+// keys/block_on_empty                     115 ns   (61) block_on of an empty future:
 //                                                  the per-call runtime overhead
-// -> a cache hit costs ~190-215 ns (mostly the SHA-256 of the secret; parse
-//    is 73 of it); `block_on` per call adds ~40-60 ns. to_async is the figure
-//    to quote; it is consistently ~10% below poll_once, which moves the
-//    (large) future into a pinned stack slot on every call.
-// limiter/check_requests, 1 key           120 ns
-// limiter/check_requests, 10,000 keys     173 ns   (sketch rows miss the cache)
+// -> a cache hit costs ~155-175 ns, mostly the SHA-256 of the secret.
+// limiter/check_requests, 1 key            63 ns   (120) epoch-aligned request
+// limiter/check_requests, 10,000 keys      42 ns   (173) windows; was pingora Rate
 // sse/observe, 44-event chat stream
-//   (12.2 KB, 1 KB chunks)               17.8 us   652 MiB/s
-// sse/observe_filtering, same            19.4 us   600 MiB/s
-// parse_head, 1 KB chat body              757 ns   1.38 GiB/s
-// parse_head, 50 KB chat body            22.9 us   1.98 GiB/s
+//   (12.2 KB, 1 KB chunks)               13.5 us   (17.8) ~860 MiB/s
+// sse/observe_filtering, same            14.7 us   (19.4)
+// parse_head, 1 KB chat body              596 ns   (757)
+// parse_head, 50 KB chat body            15.7 us   (22.9)
 //   (`model` last: the parser crosses every message to find it)
