@@ -3,6 +3,7 @@
 //! The crate is a library first so that the binary, the integration tests and the
 //! benchmarks all drive the same code. Module map (see ARCHITECTURE.md):
 //!
+//! - [`admin`]: key and usage-report views shared by the admin API, self-service and CLI.
 //! - [`config`]: YAML → validated, typed [`config::Config`], every error with its path.
 //! - [`keys`]: API key format, hashing and the in-memory validation cache.
 //! - [`limits`]: tier limits and the local (pingora-limits) limiter.
@@ -13,6 +14,7 @@
 //! - [`proxy`]: the Pingora `ProxyHttp` glue that ties the above together.
 //! - [`mock`]: an OpenAI-compatible mock provider for tests, benchmarks and the quick start.
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod error;

@@ -246,6 +246,15 @@ pub struct UsdAmount {
     pub micros: u64,
 }
 
+impl std::str::FromStr for UsdAmount {
+    type Err = String;
+
+    /// A non-negative decimal of USD (`2.5`, `0.000150`), exact to the micro-USD.
+    fn from_str(text: &str) -> Result<UsdAmount, String> {
+        values::parse_micros(text).map(|micros| UsdAmount { micros })
+    }
+}
+
 impl fmt::Display for UsdAmount {
     /// USD as an exact decimal, e.g. `2.5`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

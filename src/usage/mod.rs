@@ -115,7 +115,8 @@ pub fn cost_pusd(
 }
 
 /// Formats pico-USD as an exact decimal string of USD (trailing zeros trimmed).
-pub fn format_usd(pusd: i64) -> String {
+pub fn format_usd(pusd: impl Into<i128>) -> String {
+    let pusd: i128 = pusd.into();
     let neg = pusd < 0;
     let v = pusd.unsigned_abs();
     let whole = v / 1_000_000_000_000;
@@ -133,7 +134,7 @@ pub fn format_usd(pusd: i64) -> String {
 }
 
 /// A JSON number holding the exact decimal of `pusd` USD.
-pub fn usd_json(pusd: i64) -> serde_json::Value {
+pub fn usd_json(pusd: impl Into<i128>) -> serde_json::Value {
     // Parsing the exact decimal text yields the closest f64; the stored integer stays exact.
     format_usd(pusd)
         .parse::<f64>()
@@ -221,7 +222,7 @@ mod tests {
         let c = cost_pusd(10, 4, 0, 1_000_000, Some(500_000), 0);
         assert_eq!(c, 6 * 1_000_000 + 4 * 500_000);
         assert_eq!(format_usd(0), "0");
-        assert_eq!(format_usd(-1_500_000_000_000), "-1.5");
+        assert_eq!(format_usd(-1_500_000_000_000i64), "-1.5");
     }
 
     #[test]
