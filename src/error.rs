@@ -7,6 +7,7 @@
 
 use bytes::Bytes;
 
+use crate::admin::FieldError;
 use crate::keys::cache::AuthError;
 
 /// Everything the proxy can refuse a request for.
@@ -30,6 +31,8 @@ pub enum ProxyError {
     MissingModel,
     /// 400: a field has the wrong type or value (`field`, `what`).
     InvalidField(&'static str, &'static str),
+    /// 400: a query parameter of a gateway endpoint (`GET /v1/usage`) is unusable.
+    InvalidParam(FieldError),
     /// 404: no configured provider offers this model.
     ModelNotFound(String),
     /// 403: the key may not use this model.
@@ -42,6 +45,8 @@ pub enum ProxyError {
     UpstreamUnreachable,
     /// 504: the provider did not answer in time.
     UpstreamTimeout,
+    /// 503: the store cannot answer a gateway endpoint (`GET /v1/usage`).
+    StoreUnavailable,
     /// 500: a bug; the message is generic on purpose.
     Internal,
 }
@@ -65,12 +70,13 @@ impl ProxyError {
             ProxyError::Auth(_) => 401,
             ProxyError::KeyStoreUnavailable => 503,
             ProxyError::RateLimited(_) => 429,
-            ProxyError::RateLimiterUnavailable => 503,
+            ProxyError::RateLimiterUnavailable | ProxyError::StoreUnavailable => 503,
             ProxyError::PayloadTooLarge(_) => 413,
             ProxyError::EmptyBody
             | ProxyError::InvalidJson(_)
             | ProxyError::MissingModel
-            | ProxyError::InvalidField(..) => 400,
+            | ProxyError::InvalidField(..)
+            | ProxyError::InvalidParam(_) => 400,
             ProxyError::ModelNotFound(_) | ProxyError::NotFound => 404,
             ProxyError::ModelNotAllowed(_) => 403,
             ProxyError::MethodNotAllowed => 405,
@@ -86,6 +92,7 @@ impl ProxyError {
             ProxyError::RateLimited(_) => "requests",
             ProxyError::KeyStoreUnavailable
             | ProxyError::RateLimiterUnavailable
+            | ProxyError::StoreUnavailable
             | ProxyError::UpstreamUnreachable
             | ProxyError::UpstreamTimeout
             | ProxyError::Internal => "api_error",
@@ -108,6 +115,8 @@ impl ProxyError {
             ProxyError::InvalidJson(_) => "invalid_json",
             ProxyError::MissingModel => "missing_model",
             ProxyError::InvalidField(..) => "invalid_field",
+            ProxyError::InvalidParam(_) => "invalid_parameter",
+            ProxyError::StoreUnavailable => "store_unavailable",
             ProxyError::ModelNotFound(_) => "model_not_found",
             ProxyError::ModelNotAllowed(_) => "model_not_allowed",
             ProxyError::NotFound => "not_found",
@@ -119,12 +128,13 @@ impl ProxyError {
     }
 
     /// The offending request field, when there is one (OpenAI's `error.param`).
-    pub fn param(&self) -> Option<&'static str> {
+    pub fn param(&self) -> Option<&str> {
         match self {
             ProxyError::MissingModel
             | ProxyError::ModelNotFound(_)
             | ProxyError::ModelNotAllowed(_) => Some("model"),
             ProxyError::InvalidField(f, _) => Some(f),
+            ProxyError::InvalidParam(e) => Some(clip(&e.field)),
             _ => None,
         }
     }
@@ -145,9 +155,11 @@ impl ProxyError {
             ProxyError::InvalidJson(e) => format!("We could not parse the JSON body of your request: {}.", clip(e)),
             ProxyError::MissingModel => "You must provide a model parameter.".into(),
             ProxyError::InvalidField(f, what) => format!("Invalid value for '{f}': {what}."),
+            ProxyError::InvalidParam(e) => format!("Invalid query parameter '{}': {}.", clip(&e.field), clip(&e.message)),
+            ProxyError::StoreUnavailable => "The usage store is unavailable; please retry.".into(),
             ProxyError::ModelNotFound(m) => format!("The model `{}` does not exist or you do not have access to it.", clip(m)),
             ProxyError::ModelNotAllowed(m) => format!("This API key is not allowed to use the model `{}`.", clip(m)),
-            ProxyError::NotFound => "Unknown request URL. Supported: POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings, GET /v1/models.".into(),
+            ProxyError::NotFound => "Unknown request URL. Supported: POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings, GET /v1/models, GET /v1/usage.".into(),
             ProxyError::MethodNotAllowed => "Method not allowed for this URL.".into(),
             ProxyError::UpstreamUnreachable => "The upstream provider could not be reached.".into(),
             ProxyError::UpstreamTimeout => "The upstream provider did not respond in time.".into(),
@@ -207,6 +219,25 @@ mod tests {
             .as_str()
             .unwrap()
             .contains("rate limiter is unavailable"));
+    }
+
+    #[test]
+    fn invalid_params_name_the_param_and_store_outages_are_503() {
+        let e = ProxyError::InvalidParam(FieldError::new(
+            "group_by",
+            "\"week\" is not one of day, model",
+        ));
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(e.status(), 400);
+        assert_eq!(v["error"]["param"], "group_by");
+        assert_eq!(v["error"]["code"], "invalid_parameter");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert!(v["error"]["message"].as_str().unwrap().contains("week"));
+        let e = ProxyError::StoreUnavailable;
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(e.status(), 503);
+        assert_eq!(v["error"]["type"], "api_error");
+        assert_eq!(v["error"]["param"], serde_json::Value::Null);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, Shut
 use pingora::services::background::{background_service, BackgroundService};
 
 use crate::config::Config;
-use crate::keys::cache::{KeyCache, KeyRefresher};
+use crate::keys::cache::{KeyCache, KeyRefresher, UseFlusher};
 use crate::limits::{self, Limiter};
 use crate::proxy::{Gateway, Upstream};
 use crate::store::{self, Store, StoreError};
@@ -144,6 +144,26 @@ impl BackgroundService for DnsRefresher {
     }
 }
 
+/// Writes the key uses noted during the grace period: Pingora's runtimes, and the
+/// flusher with them, are gone once `run` returns.
+fn flush_uses_at_exit(keys: &KeyCache) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return log::warn!("last_used_at not written at exit: {e}"),
+    };
+    match rt.block_on(tokio::time::timeout(
+        Duration::from_secs(5),
+        keys.flush_uses(),
+    )) {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => log::warn!("last_used_at not written at exit: {e}"),
+        Err(_) => log::warn!("last_used_at not written at exit: the store did not answer in 5 s"),
+    }
+}
+
 /// A shutdown trigger for embedding the server (tests, benchmarks).
 pub struct ChannelShutdown(
     tokio::sync::Mutex<Option<tokio::sync::oneshot::Receiver<ShutdownSignal>>>,
@@ -202,6 +222,7 @@ pub fn serve(
         sink,
         app.upstreams.clone(),
         app.limiter.clone(),
+        app.store.clone(),
     );
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
@@ -221,6 +242,10 @@ pub fn serve(
         KeyRefresher::new(app.keys.clone(), config.keys.refresh_interval),
     ));
     server.add_service(background_service(
+        "last-used flusher",
+        UseFlusher::new(app.keys.clone(), config.keys.last_used_flush_interval),
+    ));
+    server.add_service(background_service(
         "dns refresher",
         DnsRefresher {
             config: config.clone(),
@@ -233,6 +258,7 @@ pub fn serve(
         None => RunArgs::default(),
     };
     server.run(args);
+    flush_uses_at_exit(&app.keys);
     let stats = writer.shutdown();
     log::info!(
         "usage writer stopped: {} rows written, {} replayed from the spool, {} lost, {} bytes left spooled",

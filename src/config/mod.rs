@@ -343,6 +343,9 @@ pub struct KeySettings {
     pub refresh_interval: Duration,
     /// How long an unknown key is remembered as unknown, 0..=60000 ms.
     pub negative_cache: Duration,
+    /// How often uses noted in memory are written to `last_used_at`, 10 ms..=1 h
+    /// (default 30 s): one store call per interval, never one per request.
+    pub last_used_flush_interval: Duration,
 }
 
 /// Cluster-wide limits in Redis (`redis`), shared by every gateway node.

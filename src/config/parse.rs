@@ -91,7 +91,11 @@ const USAGE_KEYS: &[&str] = &[
     "spool_max_bytes",
     "spool_fsync_interval_ms",
 ];
-const KEYS_KEYS: &[&str] = &["refresh_interval_ms", "negative_cache_ms"];
+const KEYS_KEYS: &[&str] = &[
+    "refresh_interval_ms",
+    "negative_cache_ms",
+    "last_used_flush_interval_ms",
+];
 const REDIS_KEYS: &[&str] = &["url", "timeout_ms", "on_failure", "nodes"];
 
 /// Upper bound for millisecond settings (one day): larger is surely a unit mistake.
@@ -627,6 +631,8 @@ fn read_keys(r: &mut Reader, f: &Fields<'_>) -> KeySettings {
         refresh_interval: ms_or(r, s, "refresh_interval_ms", 250, 10, 1_000),
         // Long negative caching would delay newly created keys; a minute is plenty.
         negative_cache: ms_or(r, s, "negative_cache_ms", 1_000, 0, 60_000),
+        // `last_used_at` is informational; an hour bounds how stale it can get.
+        last_used_flush_interval: ms_or(r, s, "last_used_flush_interval_ms", 30_000, 10, 3_600_000),
     }
 }
 

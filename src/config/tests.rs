@@ -215,6 +215,7 @@ fn defaults_apply_when_keys_are_absent() {
         KeySettings {
             refresh_interval: Duration::from_millis(250),
             negative_cache: Duration::from_millis(1_000),
+            last_used_flush_interval: Duration::from_secs(30),
         }
     );
     let p = &c.providers[0];
@@ -423,6 +424,13 @@ fn cross_field_bounds() {
         "server.threads: expected a positive integer, got 0\nkeys.refresh_interval_ms: must be between 10 and 1000, got 1001"
     );
     assert!(with_top("keys: {refresh_interval_ms: 1000}\n").is_ok());
+    let e = with_top("keys: {last_used_flush_interval_ms: 0}\n").unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "keys.last_used_flush_interval_ms: must be between 10 and 3600000, got 0"
+    );
+    let c = with_top("keys: {last_used_flush_interval_ms: 50}\n").unwrap();
+    assert_eq!(c.keys.last_used_flush_interval, Duration::from_millis(50));
     assert!(with_top("max_body_bytes: 1024\n").is_ok());
     assert!(with_top("max_body_bytes: 1023\n").is_err());
     assert!(with_top("max_body_bytes: 2.5\n").is_err());

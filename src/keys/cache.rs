@@ -12,6 +12,13 @@
 //! edited by hand without bumping `rev`, a key deleted outright), the refresher also
 //! reloads the whole table every [`FULL_RELOAD`].
 //!
+//! `last_used_at` is kept lazily: a successful authentication notes the time in
+//! the cached entry (one relaxed atomic read, and a write at most once a second per
+//! key; no lock, no allocation), and [`UseFlusher`] writes every key that moved with
+//! one [`Store::touch_keys`] call per `keys.last_used_flush_interval`, and once more
+//! when the server stops. Replacing an entry (change feed, full reload) carries its
+//! noted use over, so a key edited between flushes does not lose its last use.
+//!
 //! When the store fails, cached keys keep working untouched. A key the cache does
 //! not know is refused with `Unavailable` (503, fail closed: it may be a key created
 //! on another node a moment ago, so it is not "unknown"), and for [`FAIL_FAST`]
@@ -53,6 +60,59 @@ pub enum AuthError {
 pub struct KeyEntry {
     /// The key as stored.
     pub record: KeyRecord,
+    /// Last use noted on this node, Unix ms (the stored value until one happens).
+    used_ms: AtomicI64,
+    /// The newest use known to be in the store.
+    flushed_ms: AtomicI64,
+}
+
+/// Uses closer together than this are noted once: `last_used_at` is coarse by
+/// design, and skipping the write keeps a hot key's cache line shared.
+pub const USE_RESOLUTION_MS: i64 = 1_000;
+
+// === impl KeyEntry ===
+
+impl KeyEntry {
+    /// An entry for `record`, with its stored `last_used_at` as the baseline.
+    pub fn new(record: KeyRecord) -> KeyEntry {
+        let stored = record.last_used_at_ms.unwrap_or(i64::MIN);
+        KeyEntry {
+            record,
+            used_ms: AtomicI64::new(stored),
+            flushed_ms: AtomicI64::new(stored),
+        }
+    }
+
+    /// Notes a use at `now_ms`. On the request path: no lock, no allocation, and
+    /// a write only when the noted time moves by [`USE_RESOLUTION_MS`] or more.
+    pub fn note_use(&self, now_ms: i64) {
+        let seen = self.used_ms.load(Ordering::Relaxed);
+        if now_ms.saturating_sub(seen) >= USE_RESOLUTION_MS {
+            self.used_ms.fetch_max(now_ms, Ordering::Relaxed);
+        }
+    }
+
+    /// The last use noted here and not yet in the store.
+    pub fn pending_use(&self) -> Option<i64> {
+        let used = self.used_ms.load(Ordering::Relaxed);
+        (used > self.flushed_ms.load(Ordering::Relaxed)).then_some(used)
+    }
+
+    /// Records that uses up to `at_ms` are in the store.
+    pub fn mark_flushed(&self, at_ms: i64) {
+        self.flushed_ms.fetch_max(at_ms, Ordering::Relaxed);
+    }
+
+    /// The entry replacing this one for a newer `record`, keeping what this node
+    /// noted and flushed (a stored value newer than both wins).
+    fn succeeded_by(&self, record: KeyRecord) -> KeyEntry {
+        let next = KeyEntry::new(record);
+        next.used_ms
+            .fetch_max(self.used_ms.load(Ordering::Relaxed), Ordering::Relaxed);
+        next.flushed_ms
+            .fetch_max(self.flushed_ms.load(Ordering::Relaxed), Ordering::Relaxed);
+        next
+    }
 }
 
 /// Validates presented keys against cached records.
@@ -96,11 +156,20 @@ impl KeyCache {
         let rev = self.store.max_key_rev().await?;
         let keys = self.store.list_keys().await?;
         let n = keys.len();
-        let map: HashMap<String, Arc<KeyEntry>> = keys
-            .into_iter()
-            .map(|k| (k.id.clone(), Arc::new(KeyEntry { record: k })))
-            .collect();
-        *self.entries.write() = map;
+        {
+            let mut map = self.entries.write();
+            let next: HashMap<String, Arc<KeyEntry>> = keys
+                .into_iter()
+                .map(|k| {
+                    let entry = match map.get(&k.id) {
+                        Some(old) => old.succeeded_by(k),
+                        None => KeyEntry::new(k),
+                    };
+                    (entry.record.id.clone(), Arc::new(entry))
+                })
+                .collect();
+            *map = next;
+        }
         self.last_rev.fetch_max(rev, Ordering::AcqRel);
         *self.store_failed_at.lock() = None;
         Ok(n)
@@ -122,7 +191,11 @@ impl KeyCache {
             for k in changed {
                 max = max.max(k.rev);
                 neg.remove(&k.id);
-                map.insert(k.id.clone(), Arc::new(KeyEntry { record: k }));
+                let entry = match map.get(&k.id) {
+                    Some(old) => old.succeeded_by(k),
+                    None => KeyEntry::new(k),
+                };
+                map.insert(entry.record.id.clone(), Arc::new(entry));
             }
         }
         self.last_rev.fetch_max(max, Ordering::AcqRel);
@@ -147,7 +220,10 @@ impl KeyCache {
             return Err(AuthError::Unknown);
         }
         match rec.status(now_ms) {
-            KeyStatus::Active => Ok(entry),
+            KeyStatus::Active => {
+                entry.note_use(now_ms);
+                Ok(entry)
+            }
             KeyStatus::Revoked => Err(AuthError::Revoked),
             KeyStatus::Expired => Err(AuthError::Expired),
         }
@@ -170,7 +246,7 @@ impl KeyCache {
         }
         match self.store.get_key(id).await {
             Ok(Some(rec)) => {
-                let entry = Arc::new(KeyEntry { record: rec });
+                let entry = Arc::new(KeyEntry::new(rec));
                 self.entries.write().insert(id.to_owned(), entry.clone());
                 Ok(entry)
             }
@@ -195,6 +271,32 @@ impl KeyCache {
                 Err(AuthError::Unavailable)
             }
         }
+    }
+
+    /// Writes every use noted since the last flush with one [`Store::touch_keys`]
+    /// call; returns how many keys it touched. On failure the uses stay pending
+    /// for the next call.
+    pub async fn flush_uses(&self) -> Result<usize, StoreError> {
+        let pending: Vec<(Arc<KeyEntry>, i64)> = self
+            .entries
+            .read()
+            .values()
+            .filter_map(|e| e.pending_use().map(|at| (e.clone(), at)))
+            .collect();
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        let uses: Vec<(String, i64)> = pending
+            .iter()
+            .map(|(e, at)| (e.record.id.clone(), *at))
+            .collect();
+        self.store.touch_keys(&uses).await?;
+        for (e, at) in &pending {
+            // An entry replaced meanwhile copied the old flush mark and writes the
+            // same instant once more next time: harmless, `touch_keys` only raises.
+            e.mark_flushed(*at);
+        }
+        Ok(pending.len())
     }
 
     /// Number of cached keys.
@@ -269,6 +371,51 @@ impl BackgroundService for KeyRefresher {
     }
 }
 
+/// Background service that writes noted key uses to `last_used_at` every
+/// `interval`, and once more when the server begins to stop.
+pub struct UseFlusher {
+    cache: Arc<KeyCache>,
+    interval: Duration,
+}
+
+impl UseFlusher {
+    /// Flushes `cache`'s noted uses every `interval`.
+    pub fn new(cache: Arc<KeyCache>, interval: Duration) -> UseFlusher {
+        UseFlusher { cache, interval }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for UseFlusher {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        let mut failing = false;
+        loop {
+            let stopping = tokio::select! {
+                _ = shutdown.changed() => true,
+                _ = tick.tick() => false,
+            };
+            match self.cache.flush_uses().await {
+                Ok(_) if failing => {
+                    failing = false;
+                    log::info!("last_used_at flushes recovered");
+                }
+                Ok(_) => {}
+                Err(e) if !failing => {
+                    failing = true;
+                    log::warn!("cannot write last_used_at, will retry: {e}");
+                }
+                Err(_) => {}
+            }
+            if stopping {
+                return;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
@@ -283,6 +430,93 @@ mod tests {
         assert_eq!(bearer_token(Some(b"Bearer ")), None);
         assert_eq!(bearer_token(Some(b"\xff\xfe")), None);
         assert_eq!(bearer_token(None), None);
+    }
+
+    #[test]
+    fn uses_are_noted_at_most_once_a_second_and_survive_replacement() {
+        let rec = |last: Option<i64>| KeyRecord {
+            last_used_at_ms: last,
+            ..KeyRecord::new("k".into(), "free".into(), [0; 32], 0)
+        };
+        let e = KeyEntry::new(rec(None));
+        assert_eq!(e.pending_use(), None);
+        e.note_use(10_000);
+        assert_eq!(e.pending_use(), Some(10_000));
+        e.note_use(10_999);
+        assert_eq!(e.pending_use(), Some(10_000), "within the resolution");
+        e.note_use(11_000);
+        assert_eq!(e.pending_use(), Some(11_000));
+        e.note_use(5_000);
+        assert_eq!(e.pending_use(), Some(11_000), "never moves back");
+        e.mark_flushed(11_000);
+        assert_eq!(e.pending_use(), None);
+        e.note_use(12_500);
+        // A change-feed update replaces the entry: the unflushed use moves with it.
+        let next = e.succeeded_by(rec(Some(3_000)));
+        assert_eq!(next.pending_use(), Some(12_500));
+        next.mark_flushed(12_500);
+        // A newer stored value (another node's flush) is not written back.
+        let newer = next.succeeded_by(rec(Some(50_000)));
+        assert_eq!(newer.pending_use(), None);
+        newer.note_use(50_500);
+        assert_eq!(newer.pending_use(), None);
+        newer.note_use(51_000);
+        assert_eq!(newer.pending_use(), Some(51_000));
+    }
+
+    #[tokio::test]
+    async fn flush_writes_noted_uses_once() {
+        use crate::store::sqlite::SqliteStore;
+
+        let store = Arc::new(SqliteStore::open(std::path::Path::new(":memory:")).unwrap());
+        store.migrate().await.unwrap();
+        let used = super::super::generate().unwrap();
+        let idle = super::super::generate().unwrap();
+        let revoked = super::super::generate().unwrap();
+        for k in [&used, &idle, &revoked] {
+            let mut rec = KeyRecord::new(k.id.clone(), "free".into(), k.secret_hash, 0);
+            if k.id == revoked.id {
+                rec.revoked_at_ms = Some(1);
+            }
+            store.insert_key(&rec).await.unwrap();
+        }
+        let cache = KeyCache::new(store.clone(), Duration::from_secs(60));
+        cache.prime().await.unwrap();
+        let auth = |key: &str, now: i64| {
+            let header = format!("Bearer {key}");
+            let cache = &cache;
+            async move {
+                cache
+                    .authenticate(Some(header.as_bytes()), now)
+                    .await
+                    .is_ok()
+            }
+        };
+        assert!(auth(&used.key, 1_000_000).await);
+        assert!(auth(&used.key, 1_000_400).await);
+        assert!(!auth(&revoked.key, 1_000_000).await);
+        assert_eq!(cache.flush_uses().await.unwrap(), 1);
+        let last = |id: String| {
+            let store = store.clone();
+            async move { store.get_key(&id).await.unwrap().unwrap().last_used_at_ms }
+        };
+        assert_eq!(last(used.id.clone()).await, Some(1_000_000));
+        assert_eq!(last(idle.id.clone()).await, None);
+        assert_eq!(
+            last(revoked.id.clone()).await,
+            None,
+            "a refused key is not used"
+        );
+        assert_eq!(
+            cache.flush_uses().await.unwrap(),
+            0,
+            "nothing new, no write"
+        );
+        // A full reload in between keeps the noted use.
+        assert!(auth(&used.key, 1_005_000).await);
+        cache.prime().await.unwrap();
+        assert_eq!(cache.flush_uses().await.unwrap(), 1);
+        assert_eq!(last(used.id.clone()).await, Some(1_005_000));
     }
 
     /// A key record whose current secret is `new` and whose replaced secret is `old`.

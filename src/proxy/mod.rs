@@ -5,6 +5,7 @@
 //!  client ──► request_filter ─────────────────────────────────────────────┐
 //!             │ route (request::route)                                     │ refusals: 401 403 404
 //!             │ authenticate (keys::cache)                                 │ 405 413 429 400 → JSON,
+//!             │ GET /v1/models, GET /v1/usage: answered here, not proxied │
 //!             │ limit (limits::Limiter: local, or Redis Lua)               │ Ok(true), logging()
 //!             │ read body ≤ max_body_bytes, parse (request::parse_head)    │
 //!             │ resolve model (config), build upstream body               ◄┘
@@ -42,11 +43,13 @@ use pingora::{Error, ErrorSource, ErrorType, Result};
 pub use ctx::{Ctx, Prepared, ResponseAccounting};
 use request::{Endpoint, Route};
 
+use crate::admin::report::{report_csv, report_json, Format};
 use crate::config::{Config, Model, Provider};
 use crate::error::ProxyError;
 use crate::keys::cache::{AuthError, KeyCache, KeyEntry};
 use crate::limits::{self, Decision, Limiter, RequestLimits};
 use crate::metrics;
+use crate::store::Store;
 use crate::tokens::count::Tokenizer;
 use crate::tokens::usage::{usage_from_response_body, StreamAccounting, Usage};
 use crate::usage::{self as usage_mod, TokenSource, UsageRecord, UsageSink};
@@ -59,6 +62,8 @@ const JSON_ACCOUNTING_LIMIT: usize = 32 * 1024 * 1024;
 const SSE_EVENT_LIMIT: usize = 4 * 1024 * 1024;
 /// Prompts above this size are counted on the blocking pool, off the proxy threads.
 const INLINE_COUNT_LIMIT: usize = 256 * 1024;
+/// The longest `GET /v1/usage` waits for the store before answering 503.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A provider as the proxy dials it.
 pub struct Upstream {
@@ -154,6 +159,8 @@ pub struct Gateway {
     pub usage: UsageSink,
     /// Dialing view of each provider, in config order.
     pub upstreams: Arc<Vec<Upstream>>,
+    /// The store, read by `GET /v1/usage` (never on the proxied path).
+    pub store: Arc<dyn Store>,
     /// With `bench_ablate: [auth]`, the one key every request runs as.
     pub bench_key: Option<Arc<KeyEntry>>,
 }
@@ -166,16 +173,15 @@ impl Gateway {
         usage: UsageSink,
         upstreams: Arc<Vec<Upstream>>,
         limiter: Arc<Limiter>,
+        store: Arc<dyn Store>,
     ) -> Gateway {
         let bench_key = config.ablate.auth.then(|| {
-            Arc::new(KeyEntry {
-                record: crate::keys::KeyRecord::new(
-                    "bench-ablate-auth".into(),
-                    config.tiers.keys().next().cloned().unwrap_or_default(),
-                    [0; 32],
-                    0,
-                ),
-            })
+            Arc::new(KeyEntry::new(crate::keys::KeyRecord::new(
+                "bench-ablate-auth".into(),
+                config.tiers.keys().next().cloned().unwrap_or_default(),
+                [0; 32],
+                0,
+            )))
         });
         for name in config.ablate.names() {
             log::warn!("bench_ablate: {name} is OFF; this configuration is for benchmarks only");
@@ -186,6 +192,7 @@ impl Gateway {
             limiter,
             usage,
             upstreams,
+            store,
             bench_key,
         }
     }
@@ -199,8 +206,20 @@ async fn respond_json(
     ctx: &Ctx,
     retry_after: Option<u64>,
 ) -> Result<()> {
+    respond(session, status, "application/json", body, ctx, retry_after).await
+}
+
+/// Writes a complete response with the gateway's headers.
+async fn respond(
+    session: &mut Session,
+    status: u16,
+    content_type: &'static str,
+    body: Bytes,
+    ctx: &Ctx,
+    retry_after: Option<u64>,
+) -> Result<()> {
     let mut h = ResponseHeader::build(status, Some(8))?;
-    h.insert_header("content-type", "application/json")?;
+    h.insert_header("content-type", content_type)?;
     h.insert_header("content-length", body.len().to_string())?;
     if let Some(id) = &ctx.request_id {
         h.insert_header("x-request-id", id.as_ref())?;
@@ -375,6 +394,11 @@ impl Gateway {
         for p in &self.config.providers {
             for m in &p.models {
                 let canonical = format!("{}/{}", p.name, m.name);
+                // The first provider offering a name serves the bare name; others
+                // stay reachable by their explicit provider/model form. Decided
+                // before the key's filter: a key allowed only `other/m` must be
+                // shown `other/m`, since the bare `m` routes to another provider.
+                let first = seen.insert(m.name.clone());
                 let allowed = ctx
                     .key
                     .as_ref()
@@ -382,13 +406,7 @@ impl Gateway {
                 if !allowed {
                     continue;
                 }
-                // The first provider offering a name serves the bare name; others
-                // stay reachable by their explicit provider/model form.
-                let id = if seen.insert(m.name.clone()) {
-                    m.name.clone()
-                } else {
-                    canonical
-                };
+                let id = if first { m.name.clone() } else { canonical };
                 data.push(serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": p.name}));
             }
         }
@@ -396,6 +414,40 @@ impl Gateway {
             serde_json::to_vec(&serde_json::json!({"object": "list", "data": data}))
                 .unwrap_or_default(),
         )
+    }
+
+    /// `GET /v1/usage`: the calling key's own report from the daily rollup, as JSON
+    /// or CSV. Answered here: not proxied, not a usage row.
+    async fn usage_report(
+        &self,
+        session: &Session,
+        key_id: &str,
+    ) -> std::result::Result<(&'static str, Bytes), ProxyError> {
+        let params = request::usage_params(session.req_header().uri.query(), key_id)?;
+        let rows = match tokio::time::timeout(
+            REPORT_TIMEOUT,
+            self.store.usage_rollup(&params.query),
+        )
+        .await
+        {
+            Ok(Ok(rows)) => rows,
+            Ok(Err(e)) => {
+                // Debug, not warn: a client polling during an outage must not flood the log.
+                log::debug!("usage report: {e}");
+                return Err(ProxyError::StoreUnavailable);
+            }
+            Err(_) => return Err(ProxyError::StoreUnavailable),
+        };
+        Ok(match params.format {
+            Format::Json => (
+                "application/json",
+                Bytes::from(serde_json::to_vec(&report_json(&rows, &params)).unwrap_or_default()),
+            ),
+            Format::Csv => (
+                "text/csv; charset=utf-8",
+                Bytes::from(report_csv(&rows, &params)),
+            ),
+        })
     }
 
     /// Hands a call whose body exceeds the replay buffer to a subrequest that reads
@@ -698,12 +750,27 @@ impl ProxyHttp for Gateway {
             .tier(&key.record.tier)
             .map(RequestLimits::from_tier)
             .unwrap_or_default();
-        ctx.key = Some(key);
-        let Route::Proxy(endpoint) = route else {
-            let body = self.models_body(ctx);
-            respond_json(session, 200, body, ctx, None).await?;
-            return Ok(true);
+        let endpoint = match route {
+            Route::Proxy(endpoint) => endpoint,
+            Route::Usage => {
+                let answer = self.usage_report(session, &key.record.id).await;
+                ctx.key = Some(key);
+                return match answer {
+                    Ok((content_type, body)) => {
+                        respond(session, 200, content_type, body, ctx, None).await?;
+                        Ok(true)
+                    }
+                    Err(e) => self.refuse(session, ctx, e).await,
+                };
+            }
+            Route::Models | Route::Health => {
+                ctx.key = Some(key);
+                let body = self.models_body(ctx);
+                respond_json(session, 200, body, ctx, None).await?;
+                return Ok(true);
+            }
         };
+        ctx.key = Some(key);
         ctx.endpoint = Some(endpoint);
         let key_id = ctx
             .key

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::admin::report::{ReportParams, Scope};
 use crate::error::ProxyError;
 
 /// The OpenAI APIs the gateway proxies.
@@ -49,6 +50,8 @@ pub enum Route {
     Health,
     /// `GET /v1/models`
     Models,
+    /// `GET /v1/usage`: the calling key's own usage report.
+    Usage,
     /// A proxied API call.
     Proxy(Endpoint),
 }
@@ -64,6 +67,7 @@ pub fn route(method: &str, path: &str) -> Result<Route, ProxyError> {
     let (want_get, route) = match path {
         "/healthz" => (true, Route::Health),
         "/v1/models" => (true, Route::Models),
+        "/v1/usage" => (true, Route::Usage),
         "/v1/chat/completions" => (false, Route::Proxy(Endpoint::ChatCompletions)),
         "/v1/completions" => (false, Route::Proxy(Endpoint::Completions)),
         "/v1/embeddings" => (false, Route::Proxy(Endpoint::Embeddings)),
@@ -79,6 +83,18 @@ pub fn route(method: &str, path: &str) -> Result<Route, ProxyError> {
     } else {
         Err(ProxyError::MethodNotAllowed)
     }
+}
+
+/// The report `GET /v1/usage?…` asks for, always scoped to the calling key: the
+/// parser refuses `key_id`, `owner` and `project` rather than ignoring them.
+pub fn usage_params(query: Option<&str>, key_id: &str) -> Result<ReportParams, ProxyError> {
+    let pairs: Vec<(Cow<'_, str>, Cow<'_, str>)> =
+        form_urlencoded::parse(query.unwrap_or_default().as_bytes()).collect();
+    ReportParams::parse(
+        pairs.iter().map(|(k, v)| (k.as_ref(), v.as_ref())),
+        Scope::Key(key_id),
+    )
+    .map_err(ProxyError::InvalidParam)
 }
 
 /// The fields of a request body the gateway acts on.
@@ -229,9 +245,47 @@ mod tests {
     use super::*;
 
     #[test]
+    fn usage_params_are_decoded_and_scoped_to_the_key() {
+        use crate::admin::report::Format;
+        use crate::store::GroupBy;
+        let p = usage_params(
+            Some(
+                "group_by=model&model=gpt%2D4o&since=2026-11-01T00%3A00%3A00%2B02%3A00&format=csv",
+            ),
+            "k_me",
+        )
+        .unwrap();
+        assert_eq!(p.query.key_id.as_deref(), Some("k_me"));
+        assert_eq!(p.query.group_by, GroupBy::Model);
+        assert_eq!(p.query.model.as_deref(), Some("gpt-4o"));
+        // 00:00 at +02:00 is the previous UTC day.
+        assert_eq!(p.query.since_day.as_deref(), Some("2026-10-31"));
+        assert_eq!(p.format, Format::Csv);
+        let d = usage_params(None, "k_me").unwrap();
+        assert_eq!(d.query.key_id.as_deref(), Some("k_me"));
+        for (q, param) in [
+            ("key_id=k_other", "key_id"),
+            ("owner=alice", "owner"),
+            ("project=p", "project"),
+            ("group_by=key", "group_by"),
+            ("since=someday", "since"),
+            ("colour=red", "colour"),
+        ] {
+            let e = usage_params(Some(q), "k_me").unwrap_err();
+            assert_eq!(e.param(), Some(param), "{q}");
+            assert_eq!(e.status(), 400);
+        }
+    }
+
+    #[test]
     fn routes() {
         assert_eq!(route("GET", "/healthz"), Ok(Route::Health));
         assert_eq!(route("GET", "/v1/models?x=1"), Ok(Route::Models));
+        assert_eq!(route("GET", "/v1/usage?format=csv"), Ok(Route::Usage));
+        assert_eq!(
+            route("POST", "/v1/usage"),
+            Err(ProxyError::MethodNotAllowed)
+        );
         assert_eq!(
             route("POST", "/v1/chat/completions/"),
             Ok(Route::Proxy(Endpoint::ChatCompletions))
