@@ -154,10 +154,10 @@ fn flush_uses_at_exit(keys: &KeyCache) {
         Ok(rt) => rt,
         Err(e) => return log::warn!("last_used_at not written at exit: {e}"),
     };
-    match rt.block_on(tokio::time::timeout(
-        Duration::from_secs(5),
-        keys.flush_uses(),
-    )) {
+    // The timer must be made inside the runtime, hence the async block.
+    match rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(5), keys.flush_uses()).await })
+    {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => log::warn!("last_used_at not written at exit: {e}"),
         Err(_) => log::warn!("last_used_at not written at exit: the store did not answer in 5 s"),

@@ -109,7 +109,7 @@ max_body_bytes: {max}
 upstream: {{ connect_timeout_ms: 1000, first_byte_timeout_ms: {fbt}, idle_timeout_ms: 5000 }}
 server: {{ threads: 2, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 2 }}
 usage: {{ queue_capacity: 10000, batch_size: 100, flush_interval_ms: 50 }}
-keys: {{ refresh_interval_ms: 100, negative_cache_ms: 200 }}
+keys: {{ refresh_interval_ms: 100, negative_cache_ms: 200, last_used_flush_interval_ms: 100 }}
 providers:
   - name: mock
     base_url: "{base}"
