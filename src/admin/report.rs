@@ -272,7 +272,7 @@ pub fn group_column(g: GroupBy) -> &'static str {
 
 /// Appends one CSV cell: quoted when it holds a separator, quote or line break
 /// (RFC 4180), and prefixed with `'` when a spreadsheet would run it as a formula.
-fn csv_cell(out: &mut String, cell: &str) {
+pub fn csv_cell(out: &mut String, cell: &str) {
     let formula = cell.starts_with(['=', '+', '-', '@', '\t', '\r']);
     let quote = formula || cell.contains([',', '"', '\n', '\r']);
     if quote {
