@@ -121,6 +121,39 @@ fn flag_error(e: FieldError) -> String {
     format!("{}: {}", flag_of(&e.field), e.message)
 }
 
+/// Log targets (exact) whose trace records carry secrets, dropped whatever
+/// `RUST_LOG` asks. Pingora traces the client's request header with its key
+/// (`pingora_proxy`) and the raw upstream request with the provider's key (the
+/// v1 client); `tests/secrets.rs` found both. Debug records stay: the parsed
+/// upstream header they print has the provider key marked sensitive, and the
+/// client's key already removed.
+const SECRET_TRACES: &[&str] = &["pingora_proxy", "pingora_core::protocols::http::v1::client"];
+
+/// The configured logger minus [`SECRET_TRACES`] at trace level.
+struct Redacting(env_logger::Logger);
+
+impl Redacting {
+    fn allows(metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() < log::Level::Trace || !SECRET_TRACES.contains(&metadata.target())
+    }
+}
+
+impl log::Log for Redacting {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        Redacting::allows(metadata) && self.0.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if Redacting::allows(record.metadata()) {
+            self.0.log(record);
+        }
+    }
+
+    fn flush(&self) {
+        self.0.flush();
+    }
+}
+
 /// Parses the command line and runs it.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -129,8 +162,12 @@ pub fn main() -> ExitCode {
     } else {
         "warn"
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
-        .init();
+    let logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
+            .build();
+    log::set_max_level(logger.filter());
+    // Only fails if a logger is already set, which nothing before this does.
+    let _ = log::set_boxed_logger(Box::new(Redacting(logger)));
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(msg) => {
@@ -200,6 +237,23 @@ mod tests {
             flag_error(FieldError::new("limits.rpm", "unknown limit")),
             "--limit rpm: unknown limit"
         );
+    }
+
+    #[test]
+    fn secret_bearing_traces_are_dropped() {
+        let meta = |target, level| log::Metadata::builder().target(target).level(level).build();
+        assert!(!Redacting::allows(&meta(
+            "pingora_core::protocols::http::v1::client",
+            log::Level::Trace
+        )));
+        assert!(Redacting::allows(&meta(
+            "pingora_core::protocols::http::v1::client",
+            log::Level::Debug
+        )));
+        assert!(Redacting::allows(&meta(
+            "ai4free::proxy",
+            log::Level::Trace
+        )));
     }
 
     #[test]
