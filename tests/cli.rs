@@ -290,10 +290,10 @@ fn keys_lifecycle_through_the_cli() {
             .map(|k| k["id"].as_str().unwrap().to_owned())
             .collect()
     };
-    assert_eq!(ids(&["--owner", "alice"]), [id.clone()]);
-    assert_eq!(ids(&["--project", "search"]), [id.clone()]);
-    assert_eq!(ids(&["--tier", "pro"]), [bob.clone()]);
-    assert_eq!(ids(&["--name-prefix", "batch"]), [bob.clone()]);
+    assert_eq!(ids(&["--owner", "alice"]), [id.as_str()]);
+    assert_eq!(ids(&["--project", "search"]), [id.as_str()]);
+    assert_eq!(ids(&["--tier", "pro"]), [bob.as_str()]);
+    assert_eq!(ids(&["--name-prefix", "batch"]), [bob.as_str()]);
     assert_eq!(ids(&["--status", "active"]).len(), 2);
     assert!(ids(&["--status", "revoked"]).is_empty());
     fails_naming(&["keys", "list", "--status", "gone"], &cfg, "--status:");
@@ -412,7 +412,7 @@ fn keys_lifecycle_through_the_cli() {
             .unwrap();
     assert_eq!(revoked["status"], "revoked");
     assert!(stdout(&ai4free(&["keys", "list"], &cfg)).contains("revoked"));
-    assert_eq!(ids(&["--status", "revoked"]), [id.clone()]);
+    assert_eq!(ids(&["--status", "revoked"]), [id.as_str()]);
     assert!(!ai4free(&["keys", "revoke", "nosuchid"], &cfg)
         .status
         .success());

@@ -181,6 +181,18 @@ fn send(
     })
 }
 
+/// What a request is, its method, path, `Authorization`, extra headers, body,
+/// and the status it must get.
+type Case<'a> = (
+    &'a str,
+    &'a str,
+    &'a str,
+    Option<&'a str>,
+    Vec<(&'a str, &'a str)>,
+    Vec<u8>,
+    u16,
+);
+
 fn chat_body(model: &str, stream: bool) -> Vec<u8> {
     json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hello"}]})
         .to_string()
@@ -375,15 +387,7 @@ tiers:
     let graced_new_auth = bearer(&graced_new);
     let cut_old_auth = bearer(&cut_old);
 
-    let cases: Vec<(
-        &str,
-        &str,
-        &str,
-        Option<&str>,
-        Vec<(&str, &str)>,
-        Vec<u8>,
-        u16,
-    )> = vec![
+    let cases: Vec<Case<'_>> = vec![
         (
             "a working chat",
             "POST",
