@@ -919,3 +919,141 @@ fn a_store_that_cannot_answer_is_a_503() {
         .unwrap();
     assert_eq!(ids(&ok(&gw, "GET", "/admin/keys", None, 200)), [id]);
 }
+
+/// The same handlers over PostgreSQL (shared server at `AI4FREE_TEST_PG_URL`, in a
+/// schema of its own), called in-process: the HTTP shell is the one tested above.
+#[test]
+fn smoke_on_postgresql() {
+    use ai4free::admin::api::{AdminApi, AdminTokens};
+    use ai4free::config::{Config, Storage};
+    use ai4free::keys::cache::KeyCache;
+    use std::sync::Arc;
+
+    let base = std::env::var("AI4FREE_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".to_owned());
+    let schema = format!("t_admin_{:016x}", getrandom::u64().unwrap());
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{sep}options=-csearch_path%3D{schema}");
+    let exec = |sql: String| {
+        let base = base.clone();
+        rt().block_on(async move {
+            let (client, conn) = tokio_postgres::connect(&base, tokio_postgres::NoTls)
+                .await
+                .unwrap_or_else(|e| panic!("PostgreSQL must be reachable: {e}"));
+            tokio::spawn(conn);
+            client.batch_execute(&sql).await.unwrap();
+        })
+    };
+    exec(format!("CREATE SCHEMA {schema}"));
+    /// Drops the schema also when the test panics.
+    struct OnDrop<F: FnMut()>(F);
+    impl<F: FnMut()> Drop for OnDrop<F> {
+        fn drop(&mut self) {
+            (self.0)()
+        }
+    }
+    let _cleanup = OnDrop(|| exec(format!("DROP SCHEMA IF EXISTS {schema} CASCADE")));
+
+    let config = Config::from_yaml_str(
+        "providers:\n  - name: p\n    base_url: http://127.0.0.1:9/v1\n    models:\n      - name: gpt-4o-mini\ntiers:\n  free: {}\n  pro: {}\n",
+    )
+    .unwrap();
+    let tokens = AdminTokens::from_env(&config.admin, |n| {
+        (n == config.admin.token_env).then(|| TOKEN.to_owned())
+    })
+    .unwrap()
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let store = ai4free::store::open(&Storage::Postgres { url })
+            .await
+            .unwrap();
+        let keys = Arc::new(KeyCache::new(store.clone(), Duration::from_millis(100)));
+        keys.prime().await.unwrap();
+        let api = AdminApi::new(Arc::new(config.clone()), store, keys.clone(), tokens);
+        let auth = format!("Bearer {TOKEN}");
+        let call = |method: &'static str, path: String, query: &'static str, body: Value| {
+            let api = &api;
+            let auth = auth.clone();
+            async move {
+                let (op, id) = api.admit(method, &path, Some(auth.as_bytes())).unwrap();
+                let body = if body.is_null() {
+                    Vec::new()
+                } else {
+                    body.to_string().into_bytes()
+                };
+                let r = api.call(op, id, query, &body).await.unwrap();
+                (
+                    r.status,
+                    serde_json::from_slice::<Value>(&r.body).unwrap_or(Value::Null),
+                )
+            }
+        };
+        let (s, v) = call(
+            "POST",
+            "/admin/keys".into(),
+            "",
+            json!({"tier": "free", "owner": "pg"}),
+        )
+        .await;
+        assert_eq!(s, 201, "{v}");
+        let id = v["id"].as_str().unwrap().to_owned();
+        let secret = v["key"].as_str().unwrap().to_owned();
+        // The cache knows the new key at once.
+        assert!(keys
+            .authenticate(Some(secret.as_bytes()), now_ms())
+            .await
+            .is_ok());
+        let (s, v) = call(
+            "GET",
+            "/admin/keys".into(),
+            "owner=pg&status=active",
+            Value::Null,
+        )
+        .await;
+        assert_eq!((s, ids(&v)), (200, vec![id.clone()]));
+        let (s, v) = call(
+            "PATCH",
+            format!("/admin/keys/{id}"),
+            "",
+            json!({"tier": "pro"}),
+        )
+        .await;
+        assert_eq!((s, v["tier"].as_str()), (200, Some("pro")));
+        let (s, v) = call("POST", format!("/admin/keys/{id}/rotate"), "", Value::Null).await;
+        assert_eq!(s, 200, "{v}");
+        let rotated = v["key"].as_str().unwrap().to_owned();
+        assert!(keys
+            .authenticate(Some(secret.as_bytes()), now_ms())
+            .await
+            .is_err());
+        assert!(keys
+            .authenticate(Some(rotated.as_bytes()), now_ms())
+            .await
+            .is_ok());
+        let (s, v) = call("POST", format!("/admin/keys/{id}/revoke"), "", Value::Null).await;
+        assert_eq!((s, v["status"].as_str()), (200, Some("revoked")));
+        let (s, v) = call("GET", "/admin/audit".into(), "", Value::Null).await;
+        assert_eq!(s, 200);
+        let actions: Vec<&str> = v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["action"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            actions,
+            ["key.revoke", "key.rotate", "key.update", "key.create"]
+        );
+        let (s, v) = call("GET", "/admin/usage".into(), "group_by=owner", Value::Null).await;
+        assert_eq!((s, &v["total"]["requests"]), (200, &json!(0)));
+        let (op, id) = api
+            .admit("GET", "/admin/keys/nope", Some(auth.as_bytes()))
+            .unwrap();
+        assert_eq!(api.call(op, id, "", b"").await.unwrap_err().status(), 404);
+    });
+}
