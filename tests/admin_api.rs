@@ -496,7 +496,7 @@ fn rotation_with_and_without_grace() {
         &gw,
         "POST",
         &format!("/admin/keys/{id}/rotate"),
-        Some(&json!({"grace_seconds": 2})),
+        Some(&json!({"grace_seconds": 3})),
         200,
     );
     let third = v["key"].as_str().unwrap().to_owned();
@@ -504,7 +504,7 @@ fn rotation_with_and_without_grace() {
         chrono::DateTime::parse_from_rfc3339(v["previous_secret_valid_until"].as_str().unwrap())
             .unwrap()
             .timestamp_millis();
-    assert!((before + 2_000..=now_ms() + 2_000).contains(&until), "{v}");
+    assert!((before + 3_000..=now_ms() + 3_000).contains(&until), "{v}");
     assert_eq!(chat(&gw, &second, "gpt-4o-mini").status, 200);
     assert_eq!(chat(&gw, &third, "gpt-4o-mini").status, 200);
     assert!(
