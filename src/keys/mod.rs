@@ -109,7 +109,13 @@ pub fn parse(presented: &str) -> Result<ParsedKey<'_>, FormatError> {
 
 /// Generates a new key from the operating system's CSPRNG.
 pub fn generate() -> Result<NewKey, getrandom::Error> {
-    let id = random_base62(ID_LEN)?;
+    generate_for(&random_base62(ID_LEN)?)
+}
+
+/// A new secret for the existing key `id`: what a rotation hands out, so the
+/// public id (and the usage attributed to it) survives.
+pub fn generate_for(id: &str) -> Result<NewKey, getrandom::Error> {
+    let id = id.to_owned();
     let secret = random_base62(SECRET_LEN)?;
     let head = format!("{KEY_PREFIX}{id}_{secret}");
     let key = format!("{head}{}", checksum(&head));
