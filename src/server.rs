@@ -2,7 +2,7 @@
 //!
 //! [`App::init`] does the IO that must succeed before listening (open and migrate
 //! the store, load keys, resolve providers, load tokenizers); [`serve`] wires the
-//! proxy, the metrics endpoint and the background services into one Pingora
+//! proxy, the metrics endpoint, the admin API and the background services into one Pingora
 //! `Server`, runs it until a shutdown signal, and then flushes usage.
 
 use std::net::SocketAddr;
@@ -37,6 +37,8 @@ pub enum StartError {
     Spool(#[from] crate::usage::spool::SpoolError),
     #[error("rate limiter: {0}")]
     Limiter(#[from] limits::redis::StartError),
+    #[error("admin API: {0}")]
+    Admin(#[from] crate::admin::api::TokenError),
 }
 
 /// Everything initialised before the server listens.
@@ -211,6 +213,8 @@ pub fn serve(
     shutdown: Option<Box<dyn ShutdownSignalWatch>>,
 ) -> Result<WriterStats, StartError> {
     let config = app.config.clone();
+    // Token problems stop start-up before anything is spawned.
+    let admin = crate::admin::api::service(&config, app.store.clone(), app.keys.clone())?;
     let (sink, writer) = UsageWriter::spawn(app.store.clone(), &config.usage, &config.spool_dir())?;
     crate::metrics::init();
     let mut server = Server::new_with_opt_and_conf(None, server_conf(&config));
@@ -236,6 +240,9 @@ pub fn serve(
         let mut prom = pingora_prometheus::prometheus_http_service();
         prom.add_tcp(&addr.to_string());
         server.add_service(prom);
+    }
+    if let Some(admin) = admin {
+        server.add_service(admin);
     }
     server.add_service(background_service(
         "key refresher",

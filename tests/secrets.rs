@@ -115,7 +115,7 @@ impl Env {
         c.env("RUST_LOG", "trace")
             .env("AI4FREE_CONFIG", &self.config)
             .env("AI4FREE_TEST_PROVIDER_KEY", &self.provider_key)
-            // Read by the admin API once it is merged; harmless before.
+            // `admin_token_env` defaults to this variable.
             .env("AI4FREE_ADMIN_TOKEN", &self.admin_token);
         c
     }
@@ -204,7 +204,8 @@ fn no_secret_in_logs_metrics_responses_or_storage() {
     let mock =
         mock::start_in_thread("127.0.0.1:0".parse().unwrap(), MockConfig::default()).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (port, mport) = (free_port(), free_port());
+    let (port, mport, aport) = (free_port(), free_port(), free_port());
+    let admin_addr: std::net::SocketAddr = format!("127.0.0.1:{aport}").parse().unwrap();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let config = dir.path().join("ai4free.yaml");
     std::fs::write(
@@ -213,6 +214,7 @@ fn no_secret_in_logs_metrics_responses_or_storage() {
             r#"
 listen: "127.0.0.1:{port}"
 metrics_listen: "127.0.0.1:{mport}"
+admin_listen: "127.0.0.1:{aport}"
 storage: "sqlite://{db}"
 max_body_bytes: 4096
 upstream: {{ connect_timeout_ms: 500, first_byte_timeout_ms: 3000, idle_timeout_ms: 3000 }}
@@ -349,6 +351,7 @@ tiers:
     let mut gateway = env.serve(&log);
     wait_for_port(addr);
     wait_for_port(format!("127.0.0.1:{mport}").parse().unwrap());
+    wait_for_port(admin_addr);
     while Instant::now() < expires_at + Duration::from_millis(100) {
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -386,6 +389,7 @@ tiers:
     let graced_old_auth = bearer(&graced_old);
     let graced_new_auth = bearer(&graced_new);
     let cut_old_auth = bearer(&cut_old);
+    let graced_path = format!("/admin/keys/{graced_id}");
 
     let cases: Vec<Case<'_>> = vec![
         (
@@ -663,6 +667,137 @@ tiers:
         .collect();
     assert!(statuses.contains(&429), "{statuses:?}");
 
+    // The admin API: wrong, missing and data-plane tokens, bad input, and reads
+    // with the right token (never a create or rotate: those answer with a secret).
+    let admin_auth = bearer(&env.admin_token);
+    let wrong_admin = bearer(&format!("{}x", env.admin_token));
+    let admin_cases: Vec<Case<'_>> = vec![
+        (
+            "admin: keys",
+            "GET",
+            "/admin/keys",
+            Some(&admin_auth),
+            vec![],
+            vec![],
+            200,
+        ),
+        (
+            "admin: one key",
+            "GET",
+            &graced_path,
+            Some(&admin_auth),
+            vec![],
+            vec![],
+            200,
+        ),
+        (
+            "admin: audit",
+            "GET",
+            "/admin/audit",
+            Some(&admin_auth),
+            vec![],
+            vec![],
+            200,
+        ),
+        (
+            "admin: usage",
+            "GET",
+            "/admin/usage?group_by=key&format=csv",
+            Some(&admin_auth),
+            vec![],
+            vec![],
+            200,
+        ),
+        (
+            "admin: a bad filter",
+            "GET",
+            "/admin/keys?status=gone",
+            Some(&admin_auth),
+            vec![],
+            vec![],
+            400,
+        ),
+        (
+            "admin: a bad patch",
+            "PATCH",
+            &graced_path,
+            Some(&admin_auth),
+            vec![],
+            b"{\"tier\": 7}".to_vec(),
+            400,
+        ),
+        (
+            "admin: bad JSON",
+            "POST",
+            "/admin/keys",
+            Some(&admin_auth),
+            vec![],
+            b"{oops".to_vec(),
+            400,
+        ),
+        (
+            "admin: an unknown key",
+            "GET",
+            "/admin/keys/nosuchkey",
+            Some(&admin_auth),
+            vec![],
+            vec![],
+            404,
+        ),
+        (
+            "admin: no token",
+            "GET",
+            "/admin/keys",
+            None,
+            vec![],
+            vec![],
+            401,
+        ),
+        (
+            "admin: a wrong token",
+            "GET",
+            "/admin/keys",
+            Some(&wrong_admin),
+            vec![],
+            vec![],
+            401,
+        ),
+        (
+            "admin: a data-plane key",
+            "GET",
+            "/admin/keys",
+            Some(&ok_auth),
+            vec![],
+            vec![],
+            401,
+        ),
+    ];
+    let mut admin_responses: Vec<(String, RawResponse)> = Vec::new();
+    for (what, method, path, auth, extra, body, expected) in &admin_cases {
+        let mut headers: Vec<(&str, &str)> = vec![json_ct];
+        if let Some(a) = auth {
+            headers.push(("Authorization", a));
+        }
+        headers.extend_from_slice(extra);
+        let r = send(admin_addr, method, path, &headers, body);
+        assert_eq!(r.status, *expected, "{what}: {}", r.text());
+        admin_responses.push((what.to_string(), r));
+    }
+    assert_eq!(
+        call(
+            "admin paths on the proxy port",
+            "GET",
+            "/admin/keys",
+            Some(&admin_auth),
+            &[],
+            &[]
+        ),
+        404
+    );
+
+    for (what, r) in &admin_responses {
+        seen.response(what, r);
+    }
     let metrics = rt()
         .block_on(http::get(
             format!("127.0.0.1:{mport}").parse().unwrap(),

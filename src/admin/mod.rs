@@ -1,10 +1,13 @@
 //! The key lifecycle and usage reports as operators and key holders see them.
 //!
 //! Pure cores shared by every front end (the admin API, the self-service
-//! endpoints on the proxy port and the CLI): how a key is shown ([`view`]) and how
-//! a usage report is asked for and rendered ([`report`]). The front ends do the IO
-//! and call these, so the three can never disagree on a field name or a filter.
+//! endpoints on the proxy port and the CLI): how a key is shown ([`view`]), how
+//! an edit is validated ([`edit`]) and how a usage report is asked for and
+//! rendered ([`report`]). The front ends do the IO and call these, so the three
+//! can never disagree on a field name or a filter. [`api`] is the admin
+//! listener itself.
 
+pub mod api;
 pub mod edit;
 pub mod report;
 pub mod view;

@@ -123,11 +123,16 @@ fn flag_error(e: FieldError) -> String {
 
 /// Log targets (exact) whose trace records carry secrets, dropped whatever
 /// `RUST_LOG` asks. Pingora traces the client's request header with its key
-/// (`pingora_proxy`) and the raw upstream request with the provider's key (the
-/// v1 client); `tests/secrets.rs` found both. Debug records stay: the parsed
-/// upstream header they print has the provider key marked sensitive, and the
-/// client's key already removed.
-const SECRET_TRACES: &[&str] = &["pingora_proxy", "pingora_core::protocols::http::v1::client"];
+/// (`pingora_proxy`), the admin request header with the admin token (`http_app`,
+/// which serves the admin API) and the raw upstream request with the provider's
+/// key (the v1 client); `tests/secrets.rs` found all three. Debug records stay:
+/// the parsed upstream header they print has the provider key marked sensitive,
+/// and the client's key already removed.
+const SECRET_TRACES: &[&str] = &[
+    "pingora_proxy",
+    "pingora_core::apps::http_app",
+    "pingora_core::protocols::http::v1::client",
+];
 
 /// The configured logger minus [`SECRET_TRACES`] at trace level.
 struct Redacting(env_logger::Logger);

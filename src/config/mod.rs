@@ -33,6 +33,9 @@ pub struct Config {
     /// Prometheus endpoint address (`metrics_listen`, default `127.0.0.1:9091`);
     /// `None` when explicitly set to `"off"`.
     pub metrics_listen: Option<SocketAddr>,
+    /// The admin API's listener and tokens (`admin_listen`, `admin_token_env`,
+    /// `admin_readonly_token_env`).
+    pub admin: AdminSettings,
     /// Where keys and usage are persisted (`storage`, default `sqlite://data/ai4free.db`).
     pub storage: Storage,
     /// Largest accepted request body in bytes (`max_body_bytes`, default 8 MiB).
@@ -66,6 +69,21 @@ struct ModelIndex {
     models: Vec<HashMap<String, usize>>,
     /// Bare model name → first (provider, model) offering it, in config order.
     bare: HashMap<String, (usize, usize)>,
+}
+
+/// Where the admin API listens and where its bearer tokens come from. The tokens
+/// themselves are never in the config file: they are read from the environment at
+/// start-up (see `admin::api::AdminTokens::from_env`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminSettings {
+    /// `admin_listen` (default `127.0.0.1:8081`, loopback); `None` when set to `"off"`.
+    pub listen: Option<SocketAddr>,
+    /// `admin_token_env` (default `AI4FREE_ADMIN_TOKEN`): the variable holding the
+    /// read-write token. Unset or empty: the admin listener is not started.
+    pub token_env: String,
+    /// `admin_readonly_token_env` (default `AI4FREE_ADMIN_READONLY_TOKEN`): the
+    /// variable holding a token that may only read. Unset or empty: no such token.
+    pub readonly_token_env: String,
 }
 
 /// Persistence backend selected by the `storage` URL.

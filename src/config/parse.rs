@@ -10,9 +10,9 @@ use serde_yaml_ng::Value;
 
 use super::reader::{child, describe, item, Fields, Reader};
 use super::{
-    values, Ablations, BaseUrl, Config, ConfigError, ConfigErrors, KeySettings, Model, ModelIndex,
-    OnFailure, Price, Provider, RedisSettings, ServerSettings, Storage, Tier, Tokenizer,
-    UpstreamTimeouts, UsageSettings, UsdAmount,
+    values, Ablations, AdminSettings, BaseUrl, Config, ConfigError, ConfigErrors, KeySettings,
+    Model, ModelIndex, OnFailure, Price, Provider, RedisSettings, ServerSettings, Storage, Tier,
+    Tokenizer, UpstreamTimeouts, UsageSettings, UsdAmount,
 };
 
 const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
@@ -23,6 +23,12 @@ const DEFAULT_METRICS_LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4
     std::net::Ipv4Addr::LOCALHOST,
     9091,
 ));
+const DEFAULT_ADMIN_LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::LOCALHOST,
+    8081,
+));
+const DEFAULT_ADMIN_TOKEN_ENV: &str = "AI4FREE_ADMIN_TOKEN";
+const DEFAULT_ADMIN_READONLY_TOKEN_ENV: &str = "AI4FREE_ADMIN_READONLY_TOKEN";
 const DEFAULT_STORAGE: &str = "sqlite://data/ai4free.db";
 const DEFAULT_MAX_BODY_BYTES: u64 = 8 * 1024 * 1024;
 const MIN_MAX_BODY_BYTES: u64 = 1024;
@@ -42,6 +48,9 @@ const TOP_KEYS: &[&str] = &[
     "keys",
     "bench_ablate",
     "redis",
+    "admin_listen",
+    "admin_token_env",
+    "admin_readonly_token_env",
 ];
 const PROVIDER_KEYS: &[&str] = &[
     "name",
@@ -159,6 +168,26 @@ fn read_root(r: &mut Reader, root: &Value) -> Option<Config> {
         Some(v) => socket_addr(r, &f.path("metrics_listen"), v, " or \"off\"")
             .or(Some(DEFAULT_METRICS_LISTEN)),
     };
+    let admin_listen = match f.get("admin_listen") {
+        None => Some(DEFAULT_ADMIN_LISTEN),
+        Some(Value::String(s)) if s == "off" => None,
+        Some(v) => {
+            socket_addr(r, &f.path("admin_listen"), v, " or \"off\"").or(Some(DEFAULT_ADMIN_LISTEN))
+        }
+    };
+    let admin_token_env = env_name_or(r, &f, "admin_token_env", DEFAULT_ADMIN_TOKEN_ENV);
+    let admin_readonly_token_env = env_name_or(
+        r,
+        &f,
+        "admin_readonly_token_env",
+        DEFAULT_ADMIN_READONLY_TOKEN_ENV,
+    );
+    if admin_token_env == admin_readonly_token_env {
+        r.error(
+            &f.path("admin_readonly_token_env"),
+            "must name a different variable than admin_token_env",
+        );
+    }
     let storage = read_storage(r, &f);
     let max_body_bytes = r.uint_or(
         &f,
@@ -180,6 +209,11 @@ fn read_root(r: &mut Reader, root: &Value) -> Option<Config> {
     Some(Config {
         listen,
         metrics_listen,
+        admin: AdminSettings {
+            listen: admin_listen,
+            token_env: admin_token_env,
+            readonly_token_env: admin_readonly_token_env,
+        },
         storage,
         max_body_bytes: to_usize(max_body_bytes),
         providers,
@@ -221,6 +255,20 @@ fn read_ablate(r: &mut Reader, f: &Fields<'_>) -> Ablations {
         }
     }
     a
+}
+
+/// An environment variable name with a default.
+fn env_name_or(r: &mut Reader, f: &Fields<'_>, key: &str, default: &str) -> String {
+    match r.opt_string(f, key) {
+        None => default.to_owned(),
+        Some(n) => match values::check_env_var_name(&n) {
+            Ok(()) => n,
+            Err(e) => {
+                r.error(&f.path(key), e);
+                default.to_owned()
+            }
+        },
+    }
 }
 
 /// Values are range-checked far below `usize::MAX` on 64-bit targets; saturate

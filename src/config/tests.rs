@@ -89,6 +89,7 @@ fn quick_start_spells_out_every_default() {
     let d = parse(MINIMAL);
     assert_eq!(q.listen, d.listen);
     assert_eq!(q.metrics_listen, d.metrics_listen);
+    assert_eq!(q.admin, d.admin);
     assert_eq!(q.storage, d.storage);
     assert_eq!(q.max_body_bytes, d.max_body_bytes);
     assert_eq!(q.upstream, d.upstream);
@@ -257,6 +258,51 @@ fn metrics_can_be_turned_off() {
 }
 
 #[test]
+fn admin_listener_defaults_turns_off_and_names_its_variables() {
+    let c = parse(MINIMAL);
+    assert_eq!(c.admin.listen, Some("127.0.0.1:8081".parse().unwrap()));
+    assert_eq!(c.admin.token_env, "AI4FREE_ADMIN_TOKEN");
+    assert_eq!(c.admin.readonly_token_env, "AI4FREE_ADMIN_READONLY_TOKEN");
+    let c = with_top("admin_listen: \"off\"\n").unwrap();
+    assert_eq!(c.admin.listen, None);
+    let c = with_top(
+        "admin_listen: \"0.0.0.0:9000\"\nadmin_token_env: OPS_TOKEN\nadmin_readonly_token_env: RO_TOKEN\n",
+    )
+    .unwrap();
+    assert_eq!(c.admin.listen, Some("0.0.0.0:9000".parse().unwrap()));
+    assert_eq!(c.admin.token_env, "OPS_TOKEN");
+    assert_eq!(c.admin.readonly_token_env, "RO_TOKEN");
+}
+
+#[test]
+fn admin_settings_errors_name_their_path() {
+    let e = errors(&format!(
+        "{MINIMAL}admin_listen: \"localhost\"\nadmin_token_env: \"1BAD\"\nadmin_readonly_token_env: \"a b\"\n"
+    ));
+    assert_eq!(e.len(), 3, "{e:?}");
+    assert!(
+        e[0].starts_with("admin_listen: expected an IP:port address"),
+        "{e:?}"
+    );
+    assert!(e[0].ends_with("or \"off\", got \"localhost\""), "{e:?}");
+    assert!(
+        e[1].starts_with("admin_token_env: expected an environment variable name"),
+        "{e:?}"
+    );
+    assert!(
+        e[2].starts_with("admin_readonly_token_env: expected an environment variable name"),
+        "{e:?}"
+    );
+    let e = errors(&format!(
+        "{MINIMAL}admin_token_env: SAME\nadmin_readonly_token_env: SAME\n"
+    ));
+    assert_eq!(
+        e,
+        ["admin_readonly_token_env: must name a different variable than admin_token_env"]
+    );
+}
+
+#[test]
 fn storage_urls() {
     let storage = |s: &str| with_top(&format!("storage: \"{s}\"\n")).map(|c| c.storage);
     assert_eq!(
@@ -347,7 +393,7 @@ keys:
     let got = errors(text);
     // Unknown keys of a map are reported first, then its fields in schema order.
     let expected = [
-        "bogus: unknown key (expected one of: listen, metrics_listen, storage, max_body_bytes, providers, tiers, upstream, server, usage, keys, bench_ablate, redis)",
+        "bogus: unknown key (expected one of: listen, metrics_listen, storage, max_body_bytes, providers, tiers, upstream, server, usage, keys, bench_ablate, redis, admin_listen, admin_token_env, admin_readonly_token_env)",
         "listen: expected an IP:port address like \"127.0.0.1:8080\" or \"[::1]:8080\", got \"localhost\"",
         "storage: expected sqlite://<path>, sqlite::memory:, postgres://... or postgresql://..., got \"mysql://x\"",
         "max_body_bytes: must be between 1024 and 1073741824, got 10",

@@ -124,6 +124,9 @@ pub struct KeyCache {
     negative_ttl: Duration,
     /// When a store lookup last failed (None = the store answers).
     store_failed_at: Mutex<Option<Instant>>,
+    /// Serialises `prime` and `refresh`: the admin API refreshes after each change
+    /// while the refresher polls, and an older read must never land last.
+    syncing: tokio::sync::Mutex<()>,
 }
 
 const NEGATIVE_CAP: usize = 100_000;
@@ -142,6 +145,7 @@ impl KeyCache {
             last_rev: AtomicI64::new(0),
             negative_ttl,
             store_failed_at: Mutex::new(None),
+            syncing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -151,6 +155,7 @@ impl KeyCache {
     /// Also the periodic full reload: the map is replaced, so keys deleted from the
     /// store disappear too.
     pub async fn prime(&self) -> Result<usize, StoreError> {
+        let _one_at_a_time = self.syncing.lock().await;
         // Read the cursor before the table so a change racing the load is applied
         // again by the next feed poll rather than skipped.
         let rev = self.store.max_key_rev().await?;
@@ -177,6 +182,7 @@ impl KeyCache {
 
     /// Applies every change since the last call; returns how many keys changed.
     pub async fn refresh(&self) -> Result<usize, StoreError> {
+        let _one_at_a_time = self.syncing.lock().await;
         let since = self.last_rev.load(Ordering::Acquire);
         let changed = self.store.keys_changed_since(since).await?;
         *self.store_failed_at.lock() = None;

@@ -854,6 +854,31 @@ mod tests {
     }
 
     #[test]
+    fn cookbook_tools_example_matches_published_counts() {
+        // The cookbook's function-calling example, with the prompt_tokens the API
+        // reported for it: 105 on gpt-3.5-turbo-0125 and gpt-4-0613 (cl100k),
+        // 101 on gpt-4o-2024-08-06 and gpt-4o-mini (o200k).
+        let b = body(json!({
+            "model": "m",
+            "messages": [
+                {"role": "system", "content": "You are a helpful assistant that can answer to questions about the weather."},
+                {"role": "user", "content": "What's the weather like in San Francisco?"}
+            ],
+            "tools": [{"type": "function", "function": {
+                "name": "get_current_weather",
+                "description": "Get the current weather in a given location",
+                "parameters": {"type": "object", "properties": {
+                    "location": {"type": "string", "description": "The city and state, e.g. San Francisco, CA"},
+                    "unit": {"type": "string", "description": "The unit of temperature to return",
+                             "enum": ["celsius", "fahrenheit"]}
+                }, "required": ["location"]}
+            }}]
+        }));
+        assert_eq!(count_chat_prompt(Tokenizer::Cl100kBase, &b).unwrap(), 105);
+        assert_eq!(count_chat_prompt(Tokenizer::O200kBase, &b).unwrap(), 101);
+    }
+
+    #[test]
     fn chat_prompt_formula() {
         for tok in BOTH {
             let messages = cookbook_messages();

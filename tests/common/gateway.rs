@@ -45,8 +45,17 @@ pub fn wait_for_port(addr: SocketAddr) {
     }
 }
 
+/// Tokens for the admin listener of a test gateway.
+#[derive(Clone)]
+pub struct AdminOptions {
+    pub token: String,
+    pub readonly_token: Option<String>,
+}
+
 pub struct Options {
     pub mock: MockConfig,
+    /// Start the admin listener on a free port with these tokens (else it is "off").
+    pub admin: Option<AdminOptions>,
     /// Extra YAML appended to the generated config (top-level keys).
     pub extra_yaml: String,
     /// `stream_usage` of the provider.
@@ -61,6 +70,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             mock: MockConfig::default(),
+            admin: None,
             extra_yaml: String::new(),
             stream_usage: true,
             base_url: None,
@@ -72,6 +82,8 @@ impl Default for Options {
 
 pub struct TestGateway {
     pub addr: SocketAddr,
+    /// The admin listener, when `Options::admin` asked for one.
+    pub admin_addr: Option<SocketAddr>,
     pub metrics_addr: SocketAddr,
     pub mock: MockHandle,
     pub db: PathBuf,
@@ -96,6 +108,26 @@ impl TestGateway {
         let db = dir.path().join("ai4free.db");
         let port = free_port();
         let mport = free_port();
+        let admin_port = opts.admin.as_ref().map(|_| free_port());
+        let admin_yaml = match (&opts.admin, admin_port) {
+            (Some(a), Some(aport)) => {
+                // A variable name of its own per gateway: tests in one process run in
+                // parallel, and none may read another's token.
+                static NEXT: std::sync::atomic::AtomicUsize =
+                    std::sync::atomic::AtomicUsize::new(0);
+                let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let full = format!("AI4FREE_TEST_ADMIN_TOKEN_{n}");
+                let ro = format!("AI4FREE_TEST_ADMIN_RO_TOKEN_{n}");
+                std::env::set_var(&full, &a.token);
+                if let Some(t) = &a.readonly_token {
+                    std::env::set_var(&ro, t);
+                }
+                format!(
+                    "admin_listen: \"127.0.0.1:{aport}\"\nadmin_token_env: {full}\nadmin_readonly_token_env: {ro}\n"
+                )
+            }
+            _ => "admin_listen: \"off\"\n".to_owned(),
+        };
         let base = opts
             .base_url
             .clone()
@@ -103,7 +135,7 @@ impl TestGateway {
         let yaml = format!(
             r#"
 listen: "127.0.0.1:{port}"
-metrics_listen: "127.0.0.1:{mport}"
+{admin_yaml}metrics_listen: "127.0.0.1:{mport}"
 storage: "sqlite://{db}"
 max_body_bytes: {max}
 upstream: {{ connect_timeout_ms: 1000, first_byte_timeout_ms: {fbt}, idle_timeout_ms: 5000 }}
@@ -158,8 +190,14 @@ tiers:
         let metrics_addr: SocketAddr = format!("127.0.0.1:{mport}").parse().unwrap();
         wait_for_port(addr);
         wait_for_port(metrics_addr);
+        let admin_addr: Option<SocketAddr> =
+            admin_port.map(|p| format!("127.0.0.1:{p}").parse().unwrap());
+        if let Some(a) = admin_addr {
+            wait_for_port(a);
+        }
         TestGateway {
             addr,
+            admin_addr,
             metrics_addr,
             mock,
             db,
