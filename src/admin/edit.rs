@@ -156,6 +156,22 @@ pub fn parse_grace_seconds(body: &Value) -> Result<u64, FieldError> {
     }
 }
 
+/// Names of the fields a patch changes, for the audit log (never their values):
+/// the admin API and the CLI record the same details.
+pub fn patched_fields(p: &KeyPatch) -> Vec<&'static str> {
+    [
+        ("name", p.name.is_some()),
+        ("tier", p.tier.is_some()),
+        ("expires_at", p.expires_at_ms.is_some()),
+        ("models", p.models.is_some()),
+        ("metadata", p.metadata.is_some()),
+        ("limits", p.limits.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(n, set)| set.then_some(n))
+    .collect()
+}
+
 fn object<'a>(body: &'a Value, allowed: &[&str]) -> Result<&'a Map<String, Value>, FieldError> {
     let o = body
         .as_object()

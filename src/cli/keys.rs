@@ -9,10 +9,10 @@ use serde_json::{json, Map, Value};
 
 use super::table::{cell, print_table};
 use super::{flag_error, load_config, open_store, store_error, ConfigArg, ACTOR};
-use crate::admin::edit::{parse_grace_seconds, parse_new_key, parse_patch};
+use crate::admin::edit::{parse_grace_seconds, parse_new_key, parse_patch, patched_fields};
 use crate::admin::view::{key_json, limits_json};
 use crate::keys::{self, KeyRecord, KeyStatus};
-use crate::store::{AuditEntry, KeyFilter, KeyPatch, Store, StoreError};
+use crate::store::{AuditEntry, KeyFilter, Store, StoreError};
 use crate::usage::{now_ms, rfc3339_ms};
 
 #[derive(Subcommand, Debug)]
@@ -500,22 +500,6 @@ async fn audit(store: &dyn Store, action: &str, target: &str, detail: Value) {
     if let Err(e) = store.insert_audit(&entry).await {
         eprintln!("warning: {action} on key {target} done but not audited: {e}");
     }
-}
-
-/// Names of the fields a patch changes, for the audit log (never their values,
-/// as the admin API records them).
-fn patched_fields(p: &KeyPatch) -> Vec<&'static str> {
-    [
-        ("name", p.name.is_some()),
-        ("tier", p.tier.is_some()),
-        ("expires_at", p.expires_at_ms.is_some()),
-        ("models", p.models.is_some()),
-        ("metadata", p.metadata.is_some()),
-        ("limits", p.limits.is_some()),
-    ]
-    .into_iter()
-    .filter_map(|(n, set)| set.then_some(n))
-    .collect()
 }
 
 fn models(list: Vec<String>) -> Vec<Value> {

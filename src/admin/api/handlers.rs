@@ -4,11 +4,11 @@
 use serde_json::{json, Value};
 
 use super::{query, AdminApi, AdminError, Reply};
-use crate::admin::edit::{parse_grace_seconds, parse_new_key, parse_patch};
+use crate::admin::edit::{parse_grace_seconds, parse_new_key, parse_patch, patched_fields};
 use crate::admin::report::{report_csv, report_json, Format, ReportParams, Scope};
 use crate::admin::view::key_json;
 use crate::keys::{self, KeyRecord};
-use crate::store::{AuditEntry, KeyPatch, StoreError};
+use crate::store::{AuditEntry, StoreError};
 use crate::usage::{now_ms, rfc3339_ms};
 
 /// The actor recorded for calls made with the admin token.
@@ -24,21 +24,6 @@ fn json_body(body: &[u8]) -> Result<Value, AdminError> {
         return Ok(Value::Null);
     }
     serde_json::from_slice(body).map_err(|e| AdminError::InvalidJson(e.to_string()))
-}
-
-/// Names of the fields a patch changes, for the audit log.
-fn patched_fields(p: &KeyPatch) -> Vec<&'static str> {
-    [
-        ("name", p.name.is_some()),
-        ("tier", p.tier.is_some()),
-        ("expires_at", p.expires_at_ms.is_some()),
-        ("models", p.models.is_some()),
-        ("metadata", p.metadata.is_some()),
-        ("limits", p.limits.is_some()),
-    ]
-    .into_iter()
-    .filter_map(|(n, set)| set.then_some(n))
-    .collect()
 }
 
 impl AdminApi {
@@ -239,6 +224,7 @@ impl AdminApi {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::store::KeyPatch;
 
     #[test]
     fn empty_bodies_are_null_and_bad_json_names_the_body() {
