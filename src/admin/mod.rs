@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod edit;
+pub mod ops;
 pub mod report;
 pub mod view;
 

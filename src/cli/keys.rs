@@ -9,10 +9,12 @@ use serde_json::{json, Map, Value};
 
 use super::table::{cell, print_table};
 use super::{flag_error, load_config, open_store, store_error, ConfigArg, ACTOR};
-use crate::admin::edit::{parse_grace_seconds, parse_new_key, parse_patch, patched_fields};
+use crate::admin::edit::parse_grace_seconds;
+use crate::admin::ops::{KeyOps, OpError};
 use crate::admin::view::{key_json, limits_json};
-use crate::keys::{self, KeyRecord, KeyStatus};
-use crate::store::{AuditEntry, KeyFilter, Store, StoreError};
+use crate::config::Config;
+use crate::keys::{KeyRecord, KeyStatus};
+use crate::store::{KeyFilter, Store, StoreError};
 use crate::usage::{now_ms, rfc3339_ms};
 
 #[derive(Subcommand, Debug)]
@@ -184,19 +186,12 @@ pub(super) async fn run(cmd: KeysCmd) -> Result<(), String> {
         }
         KeysCmd::Update(a) => update(a).await,
         KeysCmd::Revoke { cfg, id, json } => {
-            let store = open_store(&load_config(&cfg.config)?).await?;
-            let now = now_ms();
-            if !store.revoke_key(&id, now).await.map_err(store_error)? {
-                return Err(no_such_key(&id));
-            }
-            let k = get(store.as_ref(), &id).await?;
-            audit(
-                store.as_ref(),
-                "key.revoke",
-                &id,
-                json!({ "revoked_at": k.revoked_at_ms.map(rfc3339_ms) }),
-            )
-            .await;
+            let config = load_config(&cfg.config)?;
+            let store = open_store(&config).await?;
+            let k = ops(store.as_ref(), &config)
+                .revoke(&id, now_ms())
+                .await
+                .map_err(|e| op_error(e, &id))?;
             if json {
                 print_key(&k, true, None);
             } else {
@@ -237,37 +232,16 @@ async fn create(a: CreateArgs) -> Result<(), String> {
     if let Some(e) = a.expires_at {
         body.insert("expires_at".into(), e.into());
     }
-    let now = now_ms();
-    let new = parse_new_key(&Value::Object(body), &config, now).map_err(flag_error)?;
-    let k = keys::generate().map_err(|e| format!("no randomness available: {e}"))?;
-    let rec = KeyRecord {
-        name: new.name,
-        owner: new.owner,
-        project: new.project,
-        models: new.models,
-        metadata: new.metadata,
-        limits: new.limits,
-        expires_at_ms: new.expires_at_ms,
-        ..KeyRecord::new(k.id.clone(), new.tier, k.secret_hash, now)
-    };
     let store = open_store(&config).await?;
-    store.insert_key(&rec).await.map_err(store_error)?;
-    audit(
-        store.as_ref(),
-        "key.create",
-        &rec.id,
-        json!({
-            "tier": rec.tier,
-            "owner": rec.owner,
-            "project": rec.project,
-            "expires_at": rec.expires_at_ms.map(rfc3339_ms),
-        }),
-    )
-    .await;
+    let issued = ops(store.as_ref(), &config)
+        .create(&Value::Object(body), now_ms())
+        .await
+        .map_err(|e| op_error(e, ""))?;
+    let rec = &issued.record;
     if a.json {
-        print_key(&rec, true, Some(&k.key));
+        print_key(rec, true, Some(&issued.key));
     } else {
-        println!("{}", k.key);
+        println!("{}", issued.key);
         eprintln!(
             "created key {} (tier {}); the key above is shown only once",
             rec.id, rec.tier
@@ -403,20 +377,10 @@ async fn update(a: UpdateArgs) -> Result<(), String> {
         };
         body.insert("limits".into(), limits(base, &a.limits)?.into());
     }
-    let patch = parse_patch(&Value::Object(body), &config, now_ms()).map_err(flag_error)?;
-    let k = store
-        .update_key(&a.id, &patch)
+    let k = ops(store.as_ref(), &config)
+        .update(&a.id, &Value::Object(body), now_ms())
         .await
-        .map_err(store_error)?
-        .ok_or_else(|| no_such_key(&a.id))?;
-    let mut detail = json!({ "fields": patched_fields(&patch) });
-    if let Some(t) = &patch.tier {
-        detail["tier"] = Value::String(t.clone());
-    }
-    if let Some(e) = patch.expires_at_ms {
-        detail["expires_at"] = e.map(rfc3339_ms).into();
-    }
-    audit(store.as_ref(), "key.update", &a.id, detail).await;
+        .map_err(|e| op_error(e, &a.id))?;
     print_key(&k, a.json, None);
     Ok(())
 }
@@ -427,7 +391,8 @@ async fn rotate(
     grace: Option<String>,
     json: bool,
 ) -> Result<(), String> {
-    let store = open_store(&load_config(&cfg.config)?).await?;
+    let config = load_config(&cfg.config)?;
+    let store = open_store(&config).await?;
     let seconds = match grace.as_deref() {
         None => 0,
         Some(g) => {
@@ -437,31 +402,15 @@ async fn rotate(
             parse_grace_seconds(&asked).map_err(flag_error)?
         }
     };
-    let new = keys::generate_for(&id).map_err(|e| format!("no randomness available: {e}"))?;
-    let now = now_ms();
-    let until = (seconds > 0).then(|| now.saturating_add((seconds as i64).saturating_mul(1_000)));
-    let k = match store.rotate_key(&id, &new.secret_hash, until).await {
-        Ok(Some(k)) => k,
-        Ok(None) => return Err(no_such_key(&id)),
-        Err(StoreError::Conflict(_)) => {
-            return Err(format!(
-                "key {id} is revoked; a revoked key cannot be rotated"
-            ))
-        }
-        Err(e) => return Err(store_error(e)),
-    };
-    audit(
-        store.as_ref(),
-        "key.rotate",
-        &id,
-        json!({ "grace_seconds": seconds }),
-    )
-    .await;
+    let issued = ops(store.as_ref(), &config)
+        .rotate(&id, seconds, now_ms())
+        .await
+        .map_err(|e| op_error(e, &id))?;
     if json {
-        print_key(&k, true, Some(&new.key));
+        print_key(&issued.record, true, Some(&issued.key));
     } else {
-        println!("{}", new.key);
-        match until {
+        println!("{}", issued.key);
+        match issued.record.previous_valid_until_ms {
             Some(t) => eprintln!(
                 "rotated key {id}; the old secret works until {}; the key above is shown only once",
                 rfc3339_ms(t)
@@ -486,19 +435,23 @@ fn no_such_key(id: &str) -> String {
     format!("no key with id {id:?}")
 }
 
-/// Records a change. A failure is reported, not fatal: the change is made, and a
-/// create or rotate must still print the secret it made, once.
-async fn audit(store: &dyn Store, action: &str, target: &str, detail: Value) {
-    let entry = AuditEntry {
-        id: 0,
-        at_ms: now_ms(),
-        actor: ACTOR.to_owned(),
-        action: action.to_owned(),
-        target: Some(target.to_owned()),
-        detail,
-    };
-    if let Err(e) = store.insert_audit(&entry).await {
-        eprintln!("warning: {action} on key {target} done but not audited: {e}");
+fn ops<'a>(store: &'a dyn Store, config: &'a Config) -> KeyOps<'a> {
+    KeyOps {
+        store,
+        config,
+        actor: ACTOR,
+    }
+}
+
+fn op_error(e: OpError, id: &str) -> String {
+    match e {
+        OpError::Field(f) => flag_error(f),
+        OpError::UnknownKey => no_such_key(id),
+        OpError::NoRandomness(e) => format!("no randomness available: {e}"),
+        OpError::Store(StoreError::Conflict(_)) => {
+            format!("key {id} is revoked; a revoked key cannot be rotated")
+        }
+        OpError::Store(e) => store_error(e),
     }
 }
 

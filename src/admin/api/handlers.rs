@@ -1,15 +1,16 @@
-//! One handler per admin operation: parse with the pure cores, call the store,
-//! audit what changed, render with the views.
+//! One handler per admin operation: read the request, run the operation
+//! ([`crate::admin::ops`] for key changes, the store for reads), render with the
+//! views.
 
 use serde_json::{json, Value};
 
 use super::{query, AdminApi, AdminError, Reply};
-use crate::admin::edit::{parse_grace_seconds, parse_new_key, parse_patch, patched_fields};
+use crate::admin::edit::parse_grace_seconds;
+use crate::admin::ops::{Issued, KeyOps, OpError};
 use crate::admin::report::{report_csv, report_json, Format, ReportParams, Scope};
 use crate::admin::view::key_json;
-use crate::keys::{self, KeyRecord};
-use crate::store::{AuditEntry, StoreError};
-use crate::usage::{now_ms, rfc3339_ms};
+use crate::store::StoreError;
+use crate::usage::now_ms;
 
 /// The actor recorded for calls made with the admin token.
 pub const ACTOR: &str = "admin";
@@ -26,20 +27,26 @@ fn json_body(body: &[u8]) -> Result<Value, AdminError> {
     serde_json::from_slice(body).map_err(|e| AdminError::InvalidJson(e.to_string()))
 }
 
+impl From<OpError> for AdminError {
+    fn from(e: OpError) -> AdminError {
+        match e {
+            OpError::Field(f) => AdminError::Field(f),
+            OpError::UnknownKey => AdminError::UnknownKey,
+            OpError::NoRandomness(e) => {
+                log::error!("admin API: no randomness for a new secret: {e}");
+                AdminError::Internal
+            }
+            OpError::Store(e) => store_err(e),
+        }
+    }
+}
+
 impl AdminApi {
-    /// Records a mutation. A failure is logged, not returned: the change is made,
-    /// and a create or rotate must still hand out the secret it made, once.
-    async fn audit(&self, action: &'static str, target: &str, detail: Value) {
-        let entry = AuditEntry {
-            id: 0,
-            at_ms: now_ms(),
-            actor: ACTOR.to_owned(),
-            action: action.to_owned(),
-            target: Some(target.to_owned()),
-            detail,
-        };
-        if let Err(e) = self.store.insert_audit(&entry).await {
-            log::error!("admin API: {action} on key {target} done but not audited: {e}");
+    fn ops(&self) -> KeyOps<'_> {
+        KeyOps {
+            store: self.store.as_ref(),
+            config: &self.config,
+            actor: ACTOR,
         }
     }
 
@@ -51,39 +58,19 @@ impl AdminApi {
         }
     }
 
+    /// The reply of create and rotate: the key, with its secret, this once.
+    fn issued(status: u16, issued: Issued, now: i64) -> Reply {
+        let mut v = key_json(&issued.record, now);
+        v["key"] = Value::String(issued.key);
+        Reply::json(status, &v)
+    }
+
     pub(super) async fn create_key(&self, body: &[u8]) -> Result<Reply, AdminError> {
         let now = now_ms();
-        let new = parse_new_key(&json_body(body)?, &self.config, now).map_err(AdminError::Field)?;
-        let k = keys::generate().map_err(|e| {
-            log::error!("admin API: no randomness for a new key: {e}");
-            AdminError::Internal
-        })?;
-        let rec = KeyRecord {
-            name: new.name,
-            owner: new.owner,
-            project: new.project,
-            models: new.models,
-            metadata: new.metadata,
-            limits: new.limits,
-            expires_at_ms: new.expires_at_ms,
-            ..KeyRecord::new(k.id.clone(), new.tier, k.secret_hash, now)
-        };
-        self.store.insert_key(&rec).await.map_err(store_err)?;
-        self.audit(
-            "key.create",
-            &rec.id,
-            json!({
-                "tier": rec.tier,
-                "owner": rec.owner,
-                "project": rec.project,
-                "expires_at": rec.expires_at_ms.map(rfc3339_ms),
-            }),
-        )
-        .await;
+        let issued = self.ops().create(&json_body(body)?, now).await?;
         self.keys_changed().await;
-        let mut v = key_json(&rec, now);
-        v["key"] = Value::String(k.key);
-        Ok(Reply::json(201, &v).with_header("location", format!("/admin/keys/{}", rec.id)))
+        let location = format!("/admin/keys/{}", issued.record.id);
+        Ok(Self::issued(201, issued, now).with_header("location", location))
     }
 
     pub(super) async fn list_keys(&self, q: &str) -> Result<Reply, AdminError> {
@@ -113,42 +100,14 @@ impl AdminApi {
 
     pub(super) async fn update_key(&self, id: &str, body: &[u8]) -> Result<Reply, AdminError> {
         let now = now_ms();
-        let patch = parse_patch(&json_body(body)?, &self.config, now).map_err(AdminError::Field)?;
-        let k = self
-            .store
-            .update_key(id, &patch)
-            .await
-            .map_err(store_err)?
-            .ok_or(AdminError::UnknownKey)?;
-        let mut detail = json!({ "fields": patched_fields(&patch) });
-        if let Some(t) = &patch.tier {
-            detail["tier"] = Value::String(t.clone());
-        }
-        if let Some(e) = patch.expires_at_ms {
-            detail["expires_at"] = e.map(rfc3339_ms).into();
-        }
-        self.audit("key.update", id, detail).await;
+        let k = self.ops().update(id, &json_body(body)?, now).await?;
         self.keys_changed().await;
         Ok(Reply::json(200, &key_json(&k, now)))
     }
 
     pub(super) async fn revoke_key(&self, id: &str) -> Result<Reply, AdminError> {
         let now = now_ms();
-        if !self.store.revoke_key(id, now).await.map_err(store_err)? {
-            return Err(AdminError::UnknownKey);
-        }
-        let k = self
-            .store
-            .get_key(id)
-            .await
-            .map_err(store_err)?
-            .ok_or(AdminError::UnknownKey)?;
-        self.audit(
-            "key.revoke",
-            id,
-            json!({ "revoked_at": k.revoked_at_ms.map(rfc3339_ms) }),
-        )
-        .await;
+        let k = self.ops().revoke(id, now).await?;
         self.keys_changed().await;
         Ok(Reply::json(200, &key_json(&k, now)))
     }
@@ -156,24 +115,9 @@ impl AdminApi {
     pub(super) async fn rotate_key(&self, id: &str, body: &[u8]) -> Result<Reply, AdminError> {
         let grace = parse_grace_seconds(&json_body(body)?).map_err(AdminError::Field)?;
         let now = now_ms();
-        let fresh = keys::generate_for(id).map_err(|e| {
-            log::error!("admin API: no randomness for a new secret: {e}");
-            AdminError::Internal
-        })?;
-        let grace_ms = i64::try_from(grace.saturating_mul(1000)).unwrap_or(i64::MAX);
-        let until = (grace > 0).then(|| now.saturating_add(grace_ms));
-        let k = self
-            .store
-            .rotate_key(id, &fresh.secret_hash, until)
-            .await
-            .map_err(store_err)?
-            .ok_or(AdminError::UnknownKey)?;
-        self.audit("key.rotate", id, json!({ "grace_seconds": grace }))
-            .await;
+        let issued = self.ops().rotate(id, grace, now).await?;
         self.keys_changed().await;
-        let mut v = key_json(&k, now);
-        v["key"] = Value::String(fresh.key);
-        Ok(Reply::json(200, &v))
+        Ok(Self::issued(200, issued, now))
     }
 
     pub(super) async fn list_audit(&self, q: &str) -> Result<Reply, AdminError> {
@@ -224,6 +168,7 @@ impl AdminApi {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::admin::edit::patched_fields;
     use crate::store::KeyPatch;
 
     #[test]
