@@ -439,6 +439,76 @@ mod tests {
         assert!(s[0].is_some() && s[1].is_some());
     }
 
+    fn tokens(tpm: u64) -> Policy {
+        let mut p = Policy::default();
+        p.limits[Limit::TokensPerMinute.index()] = Some(tpm);
+        p.limits[Limit::RequestsPerMinute.index()] = Some(100);
+        p
+    }
+
+    #[test]
+    fn token_reservations_are_all_or_nothing_and_settle_in_their_window() {
+        let l = LocalLimiter::new(1024);
+        let p = tokens(1_000);
+        let a = Amounts::billed(600, 0);
+        let s = l.reserve("k", &p, &a, T0);
+        assert!(s.iter().flatten().all(|s| !s.refused));
+        assert_eq!(s[Limit::TokensPerMinute.index()].unwrap().used, 600);
+        // 600 more do not fit: refused, and the request window is not counted either.
+        let s = l.reserve("k", &p, &a, T0 + 1);
+        assert!(s[Limit::TokensPerMinute.index()].unwrap().refused);
+        assert_eq!(s[Limit::RequestsPerMinute.index()].unwrap().used, 1);
+        // The first request used 100 tokens: refund 500, and 600 fit again.
+        l.adjust("k", Limit::TokensPerMinute, T0, -500, T0 + 2);
+        let s = l.reserve("k", &p, &a, T0 + 3);
+        assert_eq!(s[Limit::TokensPerMinute.index()].unwrap().used, 700);
+        // A settlement after the window rolled over changes nothing.
+        l.adjust("k", Limit::TokensPerMinute, T0, -700, T0 + 60_000);
+        let s = l.peek_all("k", &p, &Amounts::default(), T0 + 5);
+        assert_eq!(s[Limit::TokensPerMinute.index()].unwrap().used, 700);
+        // A refund never leaves credit behind.
+        l.adjust("k", Limit::TokensPerMinute, T0, -10_000, T0 + 6);
+        let s = l.peek_all("k", &p, &Amounts::default(), T0 + 7);
+        assert_eq!(s[Limit::TokensPerMinute.index()].unwrap().used, 0);
+    }
+
+    #[test]
+    fn month_windows_count_per_calendar_month() {
+        let l = LocalLimiter::new(1024);
+        let mut p = Policy::default();
+        p.limits[Limit::SpendPerMonth.index()] = Some(10);
+        let jan31 = 1_706_745_599_000; // 2024-01-31T23:59:59Z
+        let s = l.reserve("k", &p, &Amounts::billed(0, 10), jan31);
+        let st = s[Limit::SpendPerMonth.index()].unwrap();
+        assert_eq!(st.start, 1_704_067_200_000); // 2024-01-01
+        assert_eq!(st.reset.as_millis(), 1_000);
+        assert!(l
+            .reserve("k", &p, &Amounts::billed(0, 1), jan31)
+            .iter()
+            .flatten()
+            .any(|s| s.refused));
+        // February starts empty.
+        let s = l.reserve("k", &p, &Amounts::billed(0, 10), jan31 + 1_000);
+        assert!(!s[Limit::SpendPerMonth.index()].unwrap().refused);
+    }
+
+    #[test]
+    fn concurrency_slots_are_released_when_their_guard_drops() {
+        let l = LocalLimiter::new(1024);
+        let (a, n) = l.acquire("k", 2);
+        assert!(a.is_some() && n == 1);
+        let (b, n) = l.acquire("k", 2);
+        assert!(b.is_some() && n == 2);
+        let (c, n) = l.acquire("k", 2);
+        assert!(c.is_none() && n == 2);
+        assert!(l.acquire("other", 2).0.is_some());
+        drop(a);
+        let (d, n) = l.acquire("k", 2);
+        assert!(d.is_some() && n == 2);
+        drop((b, d));
+        assert_eq!(l.acquire("k", 2).1, 1);
+    }
+
     #[test]
     fn concurrent_requests_never_over_admit() {
         let l = std::sync::Arc::new(LocalLimiter::new(1024));
