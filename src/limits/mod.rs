@@ -1,9 +1,26 @@
-//! Tier request limits: the pure window math and decisions, the per-node counters,
-//! and the cluster-wide limiter in Redis behind one facade, [`Limiter`].
+//! Tier limits (requests, tokens, spend, concurrency): the pure math ([`policy`],
+//! window decisions), the per-node counters, and the cluster-wide limiter in Redis
+//! behind one facade, [`Limiter`].
 //!
 //! # Flow
-//! `request_filter` calls [`Limiter::check`] once per proxied request, before the body
-//! is read, with the key's [`RequestLimits`] (requests per second, minute, hour, day).
+//! `request_filter` computes the key's effective [`Policy`] (tier ⊕ key overrides)
+//! and calls [`Limiter::admit`] once per proxied request: before the body is read
+//! when only request windows and concurrency are limited, after it (the reservation
+//! needs the exact prompt count) when a token or spend limit is set. Admission
+//! reserves in every limit at once, all or nothing, and returns a [`Ticket`];
+//! `logging` hands it to [`Limiter::settle`], which adjusts each window by
+//! `actual − reserved` while that window is still current and releases the
+//! concurrency slot.
+//!
+//! # The bound
+//! A request is admitted only if every window can take its whole reservation, so
+//! reservations alone never pass a limit. Settlement can top a window up after the
+//! fact (a provider that reports more than was reserved, e.g. a completion longer
+//! than `default_max_tokens` when the request named no `max_tokens`): the settled
+//! total exceeds a limit by at most the top-ups (`actual − reserved` > 0) of the
+//! requests in flight when the last request was admitted; later requests are
+//! refused until the window has room. With `max_tokens` honoured and the exact
+//! prompt count, top-ups are zero and the limit holds exactly.
 //!
 //! - **No `redis:` section** ([`Limiter::Local`]): [`LocalLimiter`] counts the request in
 //!   every window of the key, all or nothing, and [`decide`] turns the window states
