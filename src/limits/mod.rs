@@ -401,7 +401,9 @@ fn admit_locally(
     }
     let states = local.reserve(key_id, policy, amounts, now_ms);
     let verdict = judge(&states, None);
-    let ticket = verdict.allowed().then(|| Ticket {
+    // Request windows settle at what they reserved (1): with nothing else to
+    // settle or release, the fast path allocates no ticket.
+    let ticket = (verdict.allowed() && (policy.needs_body() || lease.is_some())).then(|| Ticket {
         key_id: key_id.to_owned(),
         reserved: *amounts,
         starts: states.map(|s| s.map(|s| s.start)),

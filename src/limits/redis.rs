@@ -477,7 +477,8 @@ impl RedisLimiter {
             }
         }
         let verdict = judge(&states, concurrency);
-        let ticket = verdict.allowed().then(|| Ticket {
+        let settles = policy.needs_body() || policy.max_concurrent.is_some();
+        let ticket = (verdict.allowed() && settles).then(|| Ticket {
             key_id: key_id.to_owned(),
             reserved: *amounts,
             starts: states.map(|st| st.map(|st| st.start)),
