@@ -18,7 +18,8 @@ use std::time::Duration;
 
 use ai4free::keys::cache::KeyCache;
 use ai4free::keys::KeyRecord;
-use ai4free::limits::{LocalLimiter, RequestLimits};
+use ai4free::limits::policy::reservation;
+use ai4free::limits::{Limit, LocalLimiter, Policy, RequestLimits};
 use ai4free::proxy::request::parse_head;
 use ai4free::store::sqlite::SqliteStore;
 use ai4free::store::Store;
@@ -113,6 +114,32 @@ fn limiter(c: &mut Criterion) {
             b.iter(|| {
                 i = (i + 1) % ids.len();
                 limiter.check(black_box(&ids[i]), &limits, now)
+            })
+        });
+    }
+    group.finish();
+    // Issue 5's admission with tokens: reserve in a request, a token and a spend
+    // window (all or nothing), then settle the token and spend windows.
+    let mut group = c.benchmark_group("limiter/reserve_settle_tokens");
+    let mut policy = Policy::default();
+    policy.limits[Limit::RequestsPerMinute.index()] = Some(u64::MAX / 4);
+    policy.limits[Limit::TokensPerMinute.index()] = Some(u64::MAX / 4);
+    policy.limits[Limit::SpendPerDay.index()] = Some(u64::MAX / 4);
+    let reserved = reservation(120, 1_024, 150_000, 600_000);
+    for n_keys in [1usize, 10_000] {
+        let limiter = LocalLimiter::default();
+        let now = ai4free::limits::clock::unix_ms();
+        let ids: Vec<String> = (0..n_keys).map(|i| format!("key{i:09}")).collect();
+        let mut i = 0;
+        group.bench_function(BenchmarkId::from_parameter(format!("{n_keys}_keys")), |b| {
+            b.iter(|| {
+                i = (i + 1) % ids.len();
+                let id = black_box(&ids[i]);
+                let states = limiter.reserve(id, &policy, &reserved, now);
+                for s in states.iter().flatten() {
+                    limiter.adjust(id, s.limit, s.start, -100, now);
+                }
+                states
             })
         });
     }

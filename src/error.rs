@@ -9,6 +9,7 @@ use bytes::Bytes;
 
 use crate::admin::FieldError;
 use crate::keys::cache::AuthError;
+use crate::limits::policy::{Hit, Meter, Refusal};
 
 /// Everything the proxy can refuse a request for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,8 +18,10 @@ pub enum ProxyError {
     Auth(AuthError),
     /// 503: the key is not cached and the store cannot be read.
     KeyStoreUnavailable,
-    /// 429: a limit was hit (the limit's name).
-    RateLimited(&'static str),
+    /// 429: a limit was hit; the body names it, its value and when it resets.
+    RateLimited(Refusal),
+    /// 400: the request's reservation alone exceeds a limit: retrying cannot help.
+    ExceedsLimit(Refusal),
     /// 503: Redis cannot decide the limits and `redis.on_failure` is `deny`.
     RateLimiterUnavailable,
     /// 413: the body is larger than `max_body_bytes`.
@@ -63,6 +66,17 @@ fn clip(s: &str) -> &str {
     &s[..end]
 }
 
+/// A refusal's amount in its unit: requests and tokens as counts, spend in USD.
+fn amount(r: &Refusal, v: u64) -> String {
+    match r.hit.meter() {
+        Meter::Spend => format!(
+            "{} USD",
+            crate::usage::format_usd(i128::from(v).saturating_mul(1_000))
+        ),
+        Meter::Requests | Meter::Tokens => v.to_string(),
+    }
+}
+
 impl ProxyError {
     /// The HTTP status.
     pub fn status(&self) -> u16 {
@@ -70,6 +84,7 @@ impl ProxyError {
             ProxyError::Auth(_) => 401,
             ProxyError::KeyStoreUnavailable => 503,
             ProxyError::RateLimited(_) => 429,
+            ProxyError::ExceedsLimit(_) => 400,
             ProxyError::RateLimiterUnavailable | ProxyError::StoreUnavailable => 503,
             ProxyError::PayloadTooLarge(_) => 413,
             ProxyError::EmptyBody
@@ -89,7 +104,11 @@ impl ProxyError {
     /// OpenAI's `error.type`.
     pub fn error_type(&self) -> &'static str {
         match self {
-            ProxyError::RateLimited(_) => "requests",
+            ProxyError::RateLimited(r) => match r.hit.meter() {
+                Meter::Requests => "requests",
+                Meter::Tokens => "tokens",
+                Meter::Spend => "spend",
+            },
             ProxyError::KeyStoreUnavailable
             | ProxyError::RateLimiterUnavailable
             | ProxyError::StoreUnavailable
@@ -109,6 +128,7 @@ impl ProxyError {
             ProxyError::Auth(_) => "invalid_api_key",
             ProxyError::KeyStoreUnavailable => "key_store_unavailable",
             ProxyError::RateLimited(_) => "rate_limit_exceeded",
+            ProxyError::ExceedsLimit(_) => "request_exceeds_limit",
             ProxyError::RateLimiterUnavailable => "rate_limiter_unavailable",
             ProxyError::PayloadTooLarge(_) => "request_too_large",
             ProxyError::EmptyBody => "empty_body",
@@ -148,7 +168,21 @@ impl ProxyError {
             ProxyError::Auth(AuthError::Revoked) => "This API key has been revoked.".into(),
             ProxyError::Auth(AuthError::Expired) => "This API key has expired.".into(),
             ProxyError::KeyStoreUnavailable => "The key store is unavailable; please retry.".into(),
-            ProxyError::RateLimited(limit) => format!("Rate limit reached: {limit}. Retry after the time given in the retry-after header."),
+            ProxyError::RateLimited(r) if r.hit == Hit::Concurrency => format!("Rate limit reached for max_concurrent: limit {}, in flight {}. Retry when a request of this key has finished (retry-after).", r.value, r.used),
+            ProxyError::RateLimited(r) => format!(
+                "Rate limit reached for {}: limit {}, used {}, requested {}. It resets in {}; retry after the time given in the retry-after header.",
+                r.hit.name(),
+                amount(r, r.value),
+                amount(r, r.used),
+                amount(r, r.requested),
+                crate::limits::format_reset(r.reset),
+            ),
+            ProxyError::ExceedsLimit(r) => format!(
+                "Request too large for {}: it needs {} but the limit is {}, so it can never be admitted. Lower max_tokens (or max_completion_tokens) or shorten the prompt.",
+                r.hit.name(),
+                amount(r, r.requested),
+                amount(r, r.value),
+            ),
             ProxyError::RateLimiterUnavailable => "The rate limiter is unavailable, so this request cannot be admitted; please retry.".into(),
             ProxyError::PayloadTooLarge(max) => format!("Request body too large: the limit is {max} bytes."),
             ProxyError::EmptyBody => "The request body is empty; a JSON object is required.".into(),
@@ -238,6 +272,57 @@ mod tests {
         assert_eq!(e.status(), 503);
         assert_eq!(v["error"]["type"], "api_error");
         assert_eq!(v["error"]["param"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn limit_refusals_name_the_limit_its_value_and_reset() {
+        use crate::limits::policy::Limit;
+        use std::time::Duration;
+        let r = Refusal {
+            hit: Hit::Limit(Limit::TokensPerMinute),
+            value: 1_000,
+            used: 900,
+            requested: 150,
+            reset: Duration::from_secs(42),
+        };
+        let e = ProxyError::RateLimited(r);
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(e.status(), 429);
+        assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+        assert_eq!(v["error"]["type"], "tokens");
+        let m = v["error"]["message"].as_str().unwrap();
+        assert!(
+            m.contains("tokens_per_minute: limit 1000, used 900, requested 150"),
+            "{m}"
+        );
+        assert!(m.contains("resets in 42s"), "{m}");
+        let spend = Refusal {
+            hit: Hit::Limit(Limit::SpendPerMonth),
+            value: 5_000_000_000,
+            used: 4_999_955_000,
+            requested: 45_000,
+            reset: Duration::from_secs(360),
+        };
+        let m = ProxyError::RateLimited(spend).message();
+        assert!(
+            m.contains(
+                "spend_usd_per_month: limit 5 USD, used 4.999955 USD, requested 0.000045 USD"
+            ),
+            "{m}"
+        );
+        assert!(m.contains("6m0s"), "{m}");
+        let big = ProxyError::ExceedsLimit(r);
+        assert_eq!(big.status(), 400);
+        assert_eq!(big.code(), "request_exceeds_limit");
+        assert!(big.message().contains("needs 150 but the limit is 1000"));
+        let cc = ProxyError::RateLimited(Refusal {
+            hit: Hit::Concurrency,
+            value: 2,
+            used: 2,
+            requested: 1,
+            reset: Duration::from_secs(1),
+        });
+        assert!(cc.message().contains("max_concurrent: limit 2"));
     }
 
     #[test]

@@ -224,12 +224,24 @@ pub static RATELIMIT_DEGRADED: Lazy<IntGauge> = Lazy::new(|| {
     )
 });
 
+/// Settlements, lease releases and lease renewals that did not reach Redis (`op`:
+/// settle, release, renew). A failed settlement leaves the reservation as
+/// reserved; a failed release or renewal is healed by the lease TTL.
+pub static LIMIT_SETTLE_FAILURES: Lazy<IntCounterVec> = Lazy::new(|| {
+    counter_vec(
+        "ai4free_limit_settle_failures_total",
+        "Limit settlements, lease releases and renewals that failed (op: settle, release, renew)",
+        &["op"],
+    )
+});
+
 /// Forces registration of every metric so `/metrics` lists them from the start.
 pub fn init() {
     Lazy::force(&REQUESTS);
     Lazy::force(&TOKENS);
     Lazy::force(&COST_USD);
     Lazy::force(&RATE_LIMITED);
+    Lazy::force(&LIMIT_SETTLE_FAILURES);
     Lazy::force(&AUTH_FAILURES);
     Lazy::force(&UPSTREAM_ERRORS);
     Lazy::force(&REQUEST_DURATION);

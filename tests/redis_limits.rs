@@ -53,6 +53,7 @@ fn limiter(
         timeout: Duration::from_millis(timeout_ms),
         on_failure,
         nodes,
+        lease_ttl: Duration::from_secs(30),
     };
     RedisLimiter::with_breaker(
         &settings,
@@ -214,7 +215,8 @@ fn the_script_counts_every_window_or_none() {
         for w in windows {
             cmd.arg(w.0);
         }
-        cmd.arg(deadline);
+        // No lease: the member is ''.
+        cmd.arg(deadline).arg("");
         for w in windows {
             cmd.arg(w.1).arg(w.2).arg(w.3);
         }
@@ -258,7 +260,7 @@ fn the_script_counts_every_window_or_none() {
     assert!(ttl > 0 && ttl <= HOUR as i64, "{ttl}");
     // Arguments that do not match the keys are an error, not a guess.
     let mut bad = redis::cmd("EVAL");
-    bad.arg(lua).arg(1).arg(a).arg(0).arg(HOUR);
+    bad.arg(lua).arg(1).arg(a).arg(0).arg("").arg(HOUR);
     assert!(bad.query::<Vec<i64>>(&mut con).is_err());
 }
 

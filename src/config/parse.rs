@@ -105,7 +105,7 @@ const KEYS_KEYS: &[&str] = &[
     "negative_cache_ms",
     "last_used_flush_interval_ms",
 ];
-const REDIS_KEYS: &[&str] = &["url", "timeout_ms", "on_failure", "nodes"];
+const REDIS_KEYS: &[&str] = &["url", "timeout_ms", "on_failure", "nodes", "lease_ttl_ms"];
 
 /// Upper bound for millisecond settings (one day): larger is surely a unit mistake.
 const MAX_MS: u64 = 24 * 60 * 60 * 1000;
@@ -709,10 +709,20 @@ fn read_redis(r: &mut Reader, f: &Fields<'_>) -> Option<RedisSettings> {
         }
     };
     let nodes = to_u32(r.uint_or(&s, "nodes", 1, 1, 10_000));
+    // Renewed every third of it; a dead node's slots free within one TTL.
+    let lease_ttl = ms_or(
+        r,
+        Some(&s),
+        "lease_ttl_ms",
+        super::DEFAULT_LEASE_TTL_MS,
+        300,
+        3_600_000,
+    );
     Some(RedisSettings {
         url: url?,
         timeout,
         on_failure,
         nodes,
+        lease_ttl,
     })
 }

@@ -160,15 +160,15 @@ fn unenforced_limits_are_named_with_their_path() {
         .iter()
         .map(|e| e.to_string())
         .collect();
-    assert_eq!(errs.len(), 2);
-    assert!(errs[0].starts_with("tiers.pro.tokens_per_minute: not enforced"));
-    // Every request window is enforced, locally and in Redis.
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].starts_with("tiers.pro.enforce_mid_stream: not enforced"));
+    // Every counted limit, concurrency and the default reservation are enforced,
+    // locally and in Redis.
     let c = Config::from_yaml_str(
-        "providers:\n  - name: p\n    base_url: http://127.0.0.1:1/v1\n    models:\n      - name: m\ntiers:\n  pro: {requests_per_second: 1, requests_per_minute: 2, requests_per_hour: 3, requests_per_day: 4}\n",
+        "providers:\n  - name: p\n    base_url: http://127.0.0.1:1/v1\n    models:\n      - name: m\ntiers:\n  pro: {requests_per_second: 1, requests_per_minute: 2, requests_per_hour: 3, requests_per_day: 4, tokens_per_minute: 5, tokens_per_day: 6, spend_usd_per_day: 1.5, spend_usd_per_month: 20, max_concurrent: 3, default_max_tokens: 100}\n",
     )
     .unwrap();
     assert!(c.unenforced_limits().is_empty());
-    assert!(errs[1].starts_with("tiers.pro.enforce_mid_stream: not enforced"));
 }
 
 #[test]
@@ -867,16 +867,18 @@ fn redis_section_is_optional_and_has_defaults() {
             timeout: Duration::from_millis(20),
             on_failure: OnFailure::LocalShare,
             nodes: 1,
+            lease_ttl: Duration::from_secs(30),
         })
     );
     let c = with_top(
-        "redis: { url: \"rediss://:pw@cache.internal:6380/2\", timeout_ms: 5000, on_failure: deny, nodes: 3 }\n",
+        "redis: { url: \"rediss://:pw@cache.internal:6380/2\", timeout_ms: 5000, on_failure: deny, nodes: 3, lease_ttl_ms: 900 }\n",
     )
     .unwrap();
     let r = c.redis.unwrap();
     assert_eq!(r.url, "rediss://:pw@cache.internal:6380/2");
     assert_eq!(r.timeout, Duration::from_secs(5));
     assert_eq!(r.on_failure, OnFailure::Deny);
+    assert_eq!(r.lease_ttl, Duration::from_millis(900));
     assert_eq!(r.nodes, 3);
     for (text, mode) in [
         ("allow", OnFailure::Allow),
@@ -899,7 +901,7 @@ fn redis_errors_name_their_path_and_hide_the_password() {
     assert_eq!(
         got,
         [
-            "redis.pool: unknown key (expected one of: url, timeout_ms, on_failure, nodes)",
+            "redis.pool: unknown key (expected one of: url, timeout_ms, on_failure, nodes, lease_ttl_ms)",
             "redis.url: expected a redis:// or rediss:// URL such as redis://127.0.0.1:6379, got \"mysql://u:***@h\"",
             "redis.timeout_ms: expected a positive integer, got 0",
             "redis.on_failure: expected one of: local_share, allow, deny, got \"sometimes\"",

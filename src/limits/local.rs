@@ -20,28 +20,33 @@
 //!   spurious admission).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 use pingora_limits::estimator::Estimator;
+use pingora_limits::inflight::{Guard, Inflight};
 
-use super::{
-    decide, window_reset, window_start, Decision, RequestLimits, Window, WindowState, WindowStates,
-    WINDOWS,
-};
+use super::policy::{Amounts, Limit, LimitState, LimitStates, Policy, Span, LIMITS};
+use super::{decide, Decision, RequestLimits, Window, WindowState, WindowStates, WINDOWS};
 use crate::config::Tier;
 
 /// Counters per hash row; 4 rows of 65,536 × 8 bytes = 2 MiB per sketch, two
-/// sketches per window length in use.
+/// sketches per limit in use.
 pub const DEFAULT_SLOTS: usize = 65_536;
 const HASHES: usize = 4;
 
-/// Epoch-aligned request counters for every window length in use.
+/// Epoch-aligned counters for every limit in use, and in-flight counts.
 pub struct LocalLimiter {
-    periods: [Option<Counters>; WINDOWS],
+    slots: usize,
+    /// Built on first use: a key's overrides may use a limit no tier sets.
+    periods: [OnceLock<Counters>; LIMITS],
+    /// `max_concurrent`: a count-min sketch of requests in flight per key; a slot is
+    /// held by a [`Guard`] and released when it drops, so no path can leak one.
+    inflight: Inflight,
 }
 
-/// Two alternating sketches for one window length.
+/// Two alternating sketches for one limit.
 struct Counters {
-    period_ms: u64,
+    span: Span,
     sketches: [Estimator; 2],
     /// Window number + 1 each sketch currently counts (0: not yet used).
     holds: [AtomicU64; 2],
@@ -50,34 +55,141 @@ struct Counters {
 // === impl LocalLimiter ===
 
 impl LocalLimiter {
-    /// Counters for every window length, `slots` counters per hash row.
+    /// Counters for every limit (built lazily), `slots` counters per hash row.
     pub fn new(slots: usize) -> LocalLimiter {
-        LocalLimiter::with_windows([true; WINDOWS], slots)
+        LocalLimiter {
+            slots: slots.max(64),
+            periods: Default::default(),
+            inflight: Inflight::new(),
+        }
     }
 
-    /// Counters only for the window lengths some tier limits, so an unused window
-    /// costs no memory.
+    /// Counters, with those some tier limits built now so the first request does
+    /// not pay for them.
     pub fn for_tiers<'a>(tiers: impl IntoIterator<Item = &'a Tier>, slots: usize) -> LocalLimiter {
-        let mut used = [false; WINDOWS];
+        let l = LocalLimiter::new(slots);
         for t in tiers {
-            for (w, _) in RequestLimits::from_tier(t).iter() {
-                used[w.index()] = true;
+            for (limit, _) in Policy::effective(Some(t), &Default::default()).iter() {
+                let _ = l.counters(limit);
             }
         }
-        LocalLimiter::with_windows(used, slots)
+        l
     }
 
-    fn with_windows(used: [bool; WINDOWS], slots: usize) -> LocalLimiter {
-        let slots = slots.max(64);
-        LocalLimiter {
-            periods: Window::ALL.map(|w| {
-                used[w.index()].then(|| Counters {
-                    period_ms: w.period_ms(),
-                    sketches: [Estimator::new(HASHES, slots), Estimator::new(HASHES, slots)],
-                    holds: [AtomicU64::new(0), AtomicU64::new(0)],
-                })
-            }),
+    fn counters(&self, limit: Limit) -> &Counters {
+        self.periods[limit.index()].get_or_init(|| Counters {
+            span: limit.span(),
+            sketches: [
+                Estimator::new(HASHES, self.slots),
+                Estimator::new(HASHES, self.slots),
+            ],
+            holds: [AtomicU64::new(0), AtomicU64::new(0)],
+        })
+    }
+
+    /// Adds `amounts` to every limited window of `key` unless one would exceed its
+    /// limit, in which case nothing stays counted. States report counts after the
+    /// request when admitted, without it when refused.
+    pub fn reserve(
+        &self,
+        key: &str,
+        policy: &Policy,
+        amounts: &Amounts,
+        now_ms: u64,
+    ) -> LimitStates {
+        let mut states: LimitStates = [None; LIMITS];
+        let mut refused = false;
+        for (limit, value) in policy.iter() {
+            let c = self.counters(limit);
+            let number = c.span.number(now_ms);
+            let Some(sketch) = c.sketch(number) else {
+                continue;
+            };
+            let cost = amounts.get(limit);
+            let used = to_u64(sketch.incr(key, to_isize(cost)));
+            let over = used > value;
+            refused |= over;
+            let start = c.span.start_of(number);
+            states[limit.index()] = Some(LimitState {
+                limit,
+                value,
+                used,
+                cost,
+                start,
+                reset: c.span.reset(now_ms, start),
+                refused: over,
+            });
         }
+        if refused {
+            for s in states.iter_mut().flatten() {
+                let c = self.counters(s.limit);
+                if let Some(sketch) = c.sketch(c.span.number(s.start)) {
+                    sketch.decr(key, to_isize(s.cost));
+                }
+                s.used = s.used.saturating_sub(s.cost);
+            }
+        }
+        states
+    }
+
+    /// The states of `key`'s limits without counting (`refused` marks limits that
+    /// could not take `amounts` more).
+    pub fn peek_all(
+        &self,
+        key: &str,
+        policy: &Policy,
+        amounts: &Amounts,
+        now_ms: u64,
+    ) -> LimitStates {
+        let mut states: LimitStates = [None; LIMITS];
+        for (limit, value) in policy.iter() {
+            let c = self.counters(limit);
+            let number = c.span.number(now_ms);
+            let used = c.sketch(number).map_or(0, |s| to_u64(s.get(key)));
+            let start = c.span.start_of(number);
+            let cost = amounts.get(limit);
+            states[limit.index()] = Some(LimitState {
+                limit,
+                value,
+                used,
+                cost,
+                start,
+                reset: c.span.reset(now_ms, start),
+                refused: used.saturating_add(cost) > value,
+            });
+        }
+        states
+    }
+
+    /// Settlement: adds `delta` to `key`'s count of `limit` in the window that
+    /// started at `start_ms`, only while that window is still the current one.
+    pub fn adjust(&self, key: &str, limit: Limit, start_ms: u64, delta: i64, now_ms: u64) {
+        let c = self.counters(limit);
+        let number = c.span.number(start_ms);
+        if delta == 0 || number != c.span.number(now_ms) {
+            return;
+        }
+        if let Some(sketch) = c.sketch(number) {
+            let current = sketch.get(key);
+            // Never below zero: a refund larger than the count (a sketch reset
+            // in between) must not leave credit behind.
+            let d =
+                isize::try_from(delta).unwrap_or(if delta < 0 { isize::MIN } else { isize::MAX });
+            sketch.incr(key, d.max(-current.max(0)));
+        }
+    }
+
+    /// Takes a concurrency slot of `key` if fewer than `max` are held. Returns the
+    /// slot (released on drop) and the count in flight (this one included when
+    /// taken).
+    pub fn acquire(&self, key: &str, max: u64) -> (Option<Guard>, u64) {
+        let (guard, n) = self.inflight.incr(key, 1);
+        let n = to_u64(n);
+        if n > max {
+            drop(guard);
+            return (None, n - 1);
+        }
+        (Some(guard), n)
     }
 
     /// Counts one request of `key` in every limited window, all or nothing, and
@@ -86,42 +198,10 @@ impl LocalLimiter {
         decide(&self.take(key, limits, 1, now_ms))
     }
 
-    /// Adds `cost` to every limited window of `key` unless one would exceed its
-    /// limit, in which case nothing stays counted. States report counts after the
-    /// request when admitted, without it when refused.
+    /// [`LocalLimiter::reserve`] of `cost` in request windows only.
     pub fn take(&self, key: &str, limits: &RequestLimits, cost: u64, now_ms: u64) -> WindowStates {
-        let mut states: WindowStates = [None; WINDOWS];
-        let mut refused = false;
-        let amount = to_isize(cost);
-        for (w, limit) in limits.iter() {
-            let Some((c, number)) = self.current(w, now_ms) else {
-                continue;
-            };
-            let Some(sketch) = c.sketch(number) else {
-                continue;
-            };
-            let used = to_u64(sketch.incr(key, amount));
-            let over = used > limit;
-            refused |= over;
-            states[w.index()] = Some(WindowState {
-                window: w,
-                limit,
-                used,
-                reset: window_reset(now_ms, number * c.period_ms, c.period_ms),
-                refused: over,
-            });
-        }
-        if refused {
-            for s in states.iter_mut().flatten() {
-                if let Some((c, number)) = self.current(s.window, now_ms) {
-                    if let Some(sketch) = c.sketch(number) {
-                        sketch.decr(key, amount);
-                    }
-                }
-                s.used = s.used.saturating_sub(cost);
-            }
-        }
-        states
+        let amounts = Amounts([cost; LIMITS]);
+        window_states(&self.reserve(key, &Policy::from_requests(limits), &amounts, now_ms))
     }
 
     /// The shield: the states of `key`'s windows as this node knows them, if one of
@@ -137,41 +217,42 @@ impl LocalLimiter {
         states.iter().flatten().any(|s| s.refused).then_some(states)
     }
 
-    /// The states of `key`'s windows without counting (`refused` marks windows that
-    /// could not take `cost` more).
+    /// [`LocalLimiter::peek_all`] over request windows only.
     pub fn peek(&self, key: &str, limits: &RequestLimits, cost: u64, now_ms: u64) -> WindowStates {
-        let mut states: WindowStates = [None; WINDOWS];
-        for (w, limit) in limits.iter() {
-            let Some((c, number)) = self.current(w, now_ms) else {
-                continue;
-            };
-            let used = c.sketch(number).map_or(0, |s| to_u64(s.get(key)));
-            states[w.index()] = Some(WindowState {
-                window: w,
-                limit,
-                used,
-                reset: window_reset(now_ms, number * c.period_ms, c.period_ms),
-                refused: used.saturating_add(cost) > limit,
-            });
-        }
-        states
+        let amounts = Amounts([cost; LIMITS]);
+        window_states(&self.peek_all(key, &Policy::from_requests(limits), &amounts, now_ms))
     }
 
     /// Adds `amount` to `key` in window `w` starting at `start_ms` (what Redis
     /// reported). Ignored when this node has already moved past that window.
     pub fn record(&self, key: &str, w: Window, start_ms: u64, amount: u64) {
-        let Some(c) = &self.periods[w.index()] else {
-            return;
-        };
-        if let Some(sketch) = c.sketch(start_ms / c.period_ms) {
+        self.record_limit(key, Limit::of_window(w), start_ms, amount);
+    }
+
+    /// [`LocalLimiter::record`] for any limit.
+    pub fn record_limit(&self, key: &str, limit: Limit, start_ms: u64, amount: u64) {
+        let c = self.counters(limit);
+        if let Some(sketch) = c.sketch(c.span.number(start_ms)) {
             sketch.incr(key, to_isize(amount));
         }
     }
+}
 
-    fn current(&self, w: Window, now_ms: u64) -> Option<(&Counters, u64)> {
-        let c = self.periods[w.index()].as_ref()?;
-        Some((c, window_start(now_ms, c.period_ms) / c.period_ms))
+/// The request-window part of limit states.
+pub fn window_states(states: &LimitStates) -> WindowStates {
+    let mut out: WindowStates = [None; WINDOWS];
+    for s in states.iter().flatten() {
+        if let Some(w) = s.limit.window() {
+            out[w.index()] = Some(WindowState {
+                window: w,
+                limit: s.value,
+                used: s.used,
+                reset: s.reset,
+                refused: s.refused,
+            });
+        }
     }
+    out
 }
 
 impl Default for LocalLimiter {
@@ -346,7 +427,7 @@ mod tests {
         // A late report for a window this node has left is dropped.
         l.record("k", Window::Minute, T0, 10);
         assert!(l.over("k", &limits, 1, T0 + 60_000).is_none());
-        // Windows no tier uses are not counted, and do not limit.
+        // A window no tier uses still limits (a key's override may set it).
         let only_minute = LocalLimiter::for_tiers(
             [&Tier {
                 requests_per_minute: Some(1),
@@ -355,7 +436,77 @@ mod tests {
             1024,
         );
         let s = only_minute.take("k", &RequestLimits([Some(1), Some(1), None, None]), 1, T0);
-        assert!(s[0].is_none() && s[1].is_some());
+        assert!(s[0].is_some() && s[1].is_some());
+    }
+
+    fn tokens(tpm: u64) -> Policy {
+        let mut p = Policy::default();
+        p.limits[Limit::TokensPerMinute.index()] = Some(tpm);
+        p.limits[Limit::RequestsPerMinute.index()] = Some(100);
+        p
+    }
+
+    #[test]
+    fn token_reservations_are_all_or_nothing_and_settle_in_their_window() {
+        let l = LocalLimiter::new(1024);
+        let p = tokens(1_000);
+        let a = Amounts::billed(600, 0);
+        let s = l.reserve("k", &p, &a, T0);
+        assert!(s.iter().flatten().all(|s| !s.refused));
+        assert_eq!(s[Limit::TokensPerMinute.index()].unwrap().used, 600);
+        // 600 more do not fit: refused, and the request window is not counted either.
+        let s = l.reserve("k", &p, &a, T0 + 1);
+        assert!(s[Limit::TokensPerMinute.index()].unwrap().refused);
+        assert_eq!(s[Limit::RequestsPerMinute.index()].unwrap().used, 1);
+        // The first request used 100 tokens: refund 500, and 600 fit again.
+        l.adjust("k", Limit::TokensPerMinute, T0, -500, T0 + 2);
+        let s = l.reserve("k", &p, &a, T0 + 3);
+        assert_eq!(s[Limit::TokensPerMinute.index()].unwrap().used, 700);
+        // A settlement after the window rolled over changes nothing.
+        l.adjust("k", Limit::TokensPerMinute, T0, -700, T0 + 60_000);
+        let s = l.peek_all("k", &p, &Amounts::default(), T0 + 5);
+        assert_eq!(s[Limit::TokensPerMinute.index()].unwrap().used, 700);
+        // A refund never leaves credit behind.
+        l.adjust("k", Limit::TokensPerMinute, T0, -10_000, T0 + 6);
+        let s = l.peek_all("k", &p, &Amounts::default(), T0 + 7);
+        assert_eq!(s[Limit::TokensPerMinute.index()].unwrap().used, 0);
+    }
+
+    #[test]
+    fn month_windows_count_per_calendar_month() {
+        let l = LocalLimiter::new(1024);
+        let mut p = Policy::default();
+        p.limits[Limit::SpendPerMonth.index()] = Some(10);
+        let jan31 = 1_706_745_599_000; // 2024-01-31T23:59:59Z
+        let s = l.reserve("k", &p, &Amounts::billed(0, 10), jan31);
+        let st = s[Limit::SpendPerMonth.index()].unwrap();
+        assert_eq!(st.start, 1_704_067_200_000); // 2024-01-01
+        assert_eq!(st.reset.as_millis(), 1_000);
+        assert!(l
+            .reserve("k", &p, &Amounts::billed(0, 1), jan31)
+            .iter()
+            .flatten()
+            .any(|s| s.refused));
+        // February starts empty.
+        let s = l.reserve("k", &p, &Amounts::billed(0, 10), jan31 + 1_000);
+        assert!(!s[Limit::SpendPerMonth.index()].unwrap().refused);
+    }
+
+    #[test]
+    fn concurrency_slots_are_released_when_their_guard_drops() {
+        let l = LocalLimiter::new(1024);
+        let (a, n) = l.acquire("k", 2);
+        assert!(a.is_some() && n == 1);
+        let (b, n) = l.acquire("k", 2);
+        assert!(b.is_some() && n == 2);
+        let (c, n) = l.acquire("k", 2);
+        assert!(c.is_none() && n == 2);
+        assert!(l.acquire("other", 2).0.is_some());
+        drop(a);
+        let (d, n) = l.acquire("k", 2);
+        assert!(d.is_some() && n == 2);
+        drop((b, d));
+        assert_eq!(l.acquire("k", 2).1, 1);
     }
 
     #[test]

@@ -1,9 +1,26 @@
-//! Tier request limits: the pure window math and decisions, the per-node counters,
-//! and the cluster-wide limiter in Redis behind one facade, [`Limiter`].
+//! Tier limits (requests, tokens, spend, concurrency): the pure math ([`policy`],
+//! window decisions), the per-node counters, and the cluster-wide limiter in Redis
+//! behind one facade, [`Limiter`].
 //!
 //! # Flow
-//! `request_filter` calls [`Limiter::check`] once per proxied request, before the body
-//! is read, with the key's [`RequestLimits`] (requests per second, minute, hour, day).
+//! `request_filter` computes the key's effective [`Policy`] (tier ⊕ key overrides)
+//! and calls [`Limiter::admit`] once per proxied request: before the body is read
+//! when only request windows and concurrency are limited, after it (the reservation
+//! needs the exact prompt count) when a token or spend limit is set. Admission
+//! reserves in every limit at once, all or nothing, and returns a [`Ticket`];
+//! `logging` hands it to [`Limiter::settle`], which adjusts each window by
+//! `actual − reserved` while that window is still current and releases the
+//! concurrency slot.
+//!
+//! # The bound
+//! A request is admitted only if every window can take its whole reservation, so
+//! reservations alone never pass a limit. Settlement can top a window up after the
+//! fact (a provider that reports more than was reserved, e.g. a completion longer
+//! than `default_max_tokens` when the request named no `max_tokens`): the settled
+//! total exceeds a limit by at most the top-ups (`actual − reserved` > 0) of the
+//! requests in flight when the last request was admitted; later requests are
+//! refused until the window has room. With `max_tokens` honoured and the exact
+//! prompt count, top-ups are zero and the limit holds exactly.
 //!
 //! - **No `redis:` section** ([`Limiter::Local`]): [`LocalLimiter`] counts the request in
 //!   every window of the key, all or nothing, and [`decide`] turns the window states
@@ -31,6 +48,7 @@
 pub mod breaker;
 pub mod clock;
 pub mod local;
+pub mod policy;
 pub mod redis;
 pub mod script;
 
@@ -38,6 +56,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use local::LocalLimiter;
+pub use policy::{Amounts, Limit, Outcome, Policy, Verdict};
+
+use policy::{judge, settle_delta, ConcurrencyState, LimitStates, LIMITS};
 
 use crate::config::{Config, Tier};
 
@@ -261,6 +282,142 @@ pub fn decide(states: &WindowStates) -> Option<Decision> {
     }
 }
 
+/// What admission reserved, kept in the request's context until the response
+/// ends: [`Limiter::settle`] adjusts exactly the windows it was counted in.
+/// Dropping it unsettled keeps the reservation and releases the concurrency slot.
+pub struct Ticket {
+    key_id: String,
+    reserved: Amounts,
+    /// Per limit: the start of the window the reservation was counted in.
+    starts: [Option<u64>; LIMITS],
+    counted: Counted,
+    lease: Option<Lease>,
+}
+
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ticket")
+            .field("reserved", &self.reserved)
+            .field("counted", &self.counted)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ticket {
+    /// What was reserved.
+    pub fn reserved(&self) -> &Amounts {
+        &self.reserved
+    }
+}
+
+/// Where a reservation was counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Counted {
+    /// In this node's counters (no Redis, or `on_failure: local_share`).
+    Local,
+    /// In Redis.
+    Redis,
+}
+
+/// A held concurrency slot; released when dropped.
+enum Lease {
+    /// This node's in-flight counter.
+    Local(#[allow(dead_code)] pingora_limits::inflight::Guard),
+    /// A lease in Redis, renewed by this node while held.
+    Redis(redis::LeaseGuard),
+}
+
+/// The result of [`Limiter::admit`].
+#[must_use]
+pub struct Admission {
+    /// Allow or why not, and the header values.
+    pub verdict: Verdict,
+    /// Decided without Redis (or Redis is unavailable).
+    pub degraded: bool,
+    /// Present when admitted with something to settle or release.
+    pub ticket: Option<Ticket>,
+    /// Each limit's state (for callers that report request windows the old way).
+    pub states: LimitStates,
+}
+
+impl Admission {
+    /// Nothing is limited.
+    pub fn none(degraded: bool) -> Admission {
+        Admission {
+            verdict: Verdict::NONE,
+            degraded,
+            ticket: None,
+            states: [None; LIMITS],
+        }
+    }
+}
+
+/// `(limit, start, actual − reserved)` for every window a reservation was counted
+/// in whose amount changes.
+fn settle_deltas(
+    starts: &[Option<u64>; LIMITS],
+    reserved: &Amounts,
+    actual: &Amounts,
+) -> [Option<(Limit, u64, i64)>; LIMITS] {
+    Limit::ALL.map(|l| {
+        let start = starts[l.index()]?;
+        let delta = settle_delta(reserved.get(l), actual.get(l));
+        (delta != 0).then_some((l, start, delta))
+    })
+}
+
+/// Admission against this node's counters: a concurrency slot first (cheap, and
+/// a refusal then reserves nothing), then every window, all or nothing.
+fn admit_locally(
+    local: &LocalLimiter,
+    key_id: &str,
+    policy: &Policy,
+    amounts: &Amounts,
+    now_ms: u64,
+) -> Admission {
+    let mut lease = None;
+    if let Some(max) = policy.max_concurrent {
+        let max = u64::from(max);
+        let (guard, in_flight) = local.acquire(key_id, max);
+        match guard {
+            Some(g) => lease = Some(Lease::Local(g)),
+            None => {
+                let states = local.peek_all(key_id, policy, &Amounts::default(), now_ms);
+                return Admission {
+                    verdict: judge(
+                        &states,
+                        Some(ConcurrencyState {
+                            value: max,
+                            in_flight,
+                            refused: true,
+                        }),
+                    ),
+                    degraded: false,
+                    ticket: None,
+                    states,
+                };
+            }
+        }
+    }
+    let states = local.reserve(key_id, policy, amounts, now_ms);
+    let verdict = judge(&states, None);
+    // Request windows settle at what they reserved (1): with nothing else to
+    // settle or release, the fast path allocates no ticket.
+    let ticket = (verdict.allowed() && (policy.needs_body() || lease.is_some())).then(|| Ticket {
+        key_id: key_id.to_owned(),
+        reserved: *amounts,
+        starts: states.map(|s| s.map(|s| s.start)),
+        counted: Counted::Local,
+        lease,
+    });
+    Admission {
+        verdict,
+        degraded: false,
+        ticket,
+        states,
+    }
+}
+
 /// The gateway's limiter: local counters only, or Redis with local fallbacks.
 // One per process, behind an Arc: the variants' sizes do not matter.
 #[allow(clippy::large_enum_variant)]
@@ -301,6 +458,45 @@ impl Limiter {
                 degraded: false,
             },
             Limiter::Redis(r) => r.check(key_id, limits).await,
+        }
+    }
+
+    /// Reserves `amounts` in every limit of `policy` for `key_id` (and a
+    /// concurrency slot named `member`), all or nothing. Waits at most
+    /// `redis.timeout_ms`; never logs per request.
+    pub async fn admit(
+        &self,
+        key_id: &str,
+        policy: &Policy,
+        amounts: &Amounts,
+        member: &str,
+    ) -> Admission {
+        match self {
+            Limiter::Local { counters, clock } => {
+                if policy.is_empty() {
+                    return Admission::none(false);
+                }
+                admit_locally(counters, key_id, policy, amounts, clock.now_ms())
+            }
+            Limiter::Redis(r) => r.admit(key_id, policy, amounts, member).await,
+        }
+    }
+
+    /// Adjusts a reservation to what the request used (`actual`), and releases
+    /// its concurrency slot. Never blocks: Redis settlements run on the limiter's
+    /// own thread.
+    pub fn settle(&self, ticket: Ticket, actual: &Amounts) {
+        match self {
+            Limiter::Local { counters, clock } => {
+                let now = clock.now_ms();
+                for (limit, start, delta) in settle_deltas(&ticket.starts, &ticket.reserved, actual)
+                    .iter()
+                    .flatten()
+                {
+                    counters.adjust(&ticket.key_id, *limit, *start, *delta, now);
+                }
+            }
+            Limiter::Redis(r) => r.settle(ticket, actual),
         }
     }
 

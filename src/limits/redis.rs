@@ -49,7 +49,8 @@
 //! been counted if Redis ran it before the deadline but its reply came late; at most
 //! the breaker's threshold of calls per outage are in that state.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -61,10 +62,14 @@ use tokio::sync::{oneshot, Notify};
 
 use super::breaker::{Admit, Breaker, Transition};
 use super::clock::ClusterClock;
-use super::script::{self, Kind, Reply, ReplyError, Status, WindowArg, WindowKey};
+use super::local::window_states;
+use super::policy::{
+    judge, Amounts, ConcurrencyState, LimitState, LimitStates, Meter, Outcome, Policy, Verdict,
+    LIMITS,
+};
+use super::script::{self, CounterKey, LeaseArg, Reply, ReplyError, SettleArg, Status, WindowArg};
 use super::{
-    decide, window_reset, Checked, Decision, LocalLimiter, RequestLimits, WindowState,
-    WindowStates, WINDOWS,
+    decide, settle_deltas, Admission, Checked, Counted, Lease, LocalLimiter, RequestLimits, Ticket,
 };
 use crate::config::{OnFailure, RedisSettings};
 use crate::metrics;
@@ -78,6 +83,8 @@ const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
 /// How often the background thread checks whether a probe is due.
 const PROBE_TICK: Duration = Duration::from_millis(100);
+/// Bound on one settlement, release or renewal call (off the request path).
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Why the limiter could not be built (Redis being down is not one of them).
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +155,37 @@ enum CallError {
     Hash,
 }
 
+/// A concurrency lease this node holds in Redis: renewed while it lives, released
+/// (ZREM, fire-and-forget) when dropped unless a settlement released it already.
+pub struct LeaseGuard {
+    shared: Arc<Shared>,
+    id: u64,
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        if let Some(l) = self.shared.leases.lock().remove(&self.id) {
+            let s = self.shared.clone();
+            self.shared.rt.spawn(async move {
+                s.settle_call(&l.key_id, &[], Some(&l.member)).await;
+            });
+        }
+    }
+}
+
+impl LeaseGuard {
+    /// Stops renewing and hands back (key id, member) for a settlement to release.
+    fn disarm(self) -> Option<LiveLease> {
+        self.shared.leases.lock().remove(&self.id)
+    }
+}
+
+/// A live lease, as the renewal task sees it.
+struct LiveLease {
+    key_id: String,
+    member: String,
+}
+
 impl CallError {
     fn result(&self) -> CallResult {
         match self {
@@ -176,6 +214,14 @@ struct Shared {
     breaker: Mutex<Breaker>,
     degraded: AtomicBool,
     wake: Notify,
+    settle_sha: String,
+    lease_ttl: Duration,
+    /// Live leases of this node, renewed every third of `lease_ttl`.
+    leases: Mutex<HashMap<u64, LiveLease>>,
+    next_lease: AtomicU64,
+    /// The `ai4free-redis` thread's runtime: settlements, releases and renewals
+    /// run there, off the request path.
+    rt: tokio::runtime::Handle,
 }
 
 // === impl RedisLimiter ===
@@ -198,6 +244,9 @@ impl RedisLimiter {
     ) -> Result<RedisLimiter, StartError> {
         let client = redis::Client::open(settings.url.as_str())
             .map_err(|e| StartError::Url(e.to_string()))?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         let shared = Arc::new(Shared {
             client,
             conn: ArcSwapOption::empty(),
@@ -212,10 +261,13 @@ impl RedisLimiter {
             breaker: Mutex::new(breaker),
             degraded: AtomicBool::new(false),
             wake: Notify::new(),
+            settle_sha: redis::Script::new(script::SETTLE_LUA).get_hash().to_owned(),
+            lease_ttl: settings.lease_ttl,
+            leases: Mutex::new(HashMap::new()),
+            next_lease: AtomicU64::new(0),
+            rt: rt.handle().clone(),
         });
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
+        rt.spawn(renew_leases(Arc::downgrade(&shared)));
         let (stop, stopped) = oneshot::channel();
         let (first_tx, first_rx) = std::sync::mpsc::channel();
         let worker = shared.clone();
@@ -231,51 +283,215 @@ impl RedisLimiter {
         })
     }
 
-    /// Checks and counts one request of `key_id`; waits at most `timeout_ms`.
+    /// Checks and counts one request of `key_id` in its request windows; waits at
+    /// most `timeout_ms`.
     pub async fn check(&self, key_id: &str, limits: &RequestLimits) -> Checked {
-        let s = &*self.shared;
-        if limits.is_empty() {
-            return Checked {
-                decision: None,
-                degraded: s.is_degraded(),
-            };
+        let a = self
+            .admit(
+                key_id,
+                &Policy::from_requests(limits),
+                &Amounts::REQUEST,
+                "",
+            )
+            .await;
+        let decision = match a.verdict.outcome {
+            Outcome::Unavailable => Some(super::Decision::Unavailable),
+            _ => decide(&window_states(&a.states)),
+        };
+        Checked {
+            decision,
+            degraded: a.degraded,
         }
-        if let Some(states) = s.local.over(key_id, limits, 1, s.clock.now_ms()) {
-            count(CallResult::Shielded);
-            return Checked {
-                decision: decide(&states),
-                degraded: s.is_degraded(),
-            };
+    }
+
+    /// Reserves `amounts` in every limit of `policy` for `key_id`, and a concurrency
+    /// lease named `member`, all or nothing in one script call; waits at most
+    /// `timeout_ms`. The ticket settles the reservation later.
+    pub async fn admit(
+        &self,
+        key_id: &str,
+        policy: &Policy,
+        amounts: &Amounts,
+        member: &str,
+    ) -> Admission {
+        let s = &self.shared;
+        if policy.is_empty() {
+            return Admission::none(s.is_degraded());
+        }
+        // The shield covers request windows only: token and spend counts shrink on
+        // settlement, so what this node saw is no lower bound of Redis's count.
+        let requests = Policy::from_requests(&policy.requests());
+        if !requests.is_empty() {
+            let states = s
+                .local
+                .peek_all(key_id, &requests, amounts, s.clock.now_ms());
+            if states.iter().flatten().any(|st| st.refused) {
+                count(CallResult::Shielded);
+                return Admission {
+                    verdict: judge(&states, None),
+                    degraded: s.is_degraded(),
+                    ticket: None,
+                    states,
+                };
+            }
         }
         if s.breaker.lock().admit(Instant::now()) == Admit::ShortCircuit {
             count(CallResult::ShortCircuit);
-            return s.fallback(key_id, limits);
+            return s.fallback(key_id, policy, amounts);
         }
-        let windows = limits.iter().map(|(window, limit)| WindowArg {
-            key: WindowKey {
-                key_id,
-                kind: Kind::Requests,
-                window,
-            },
-            limit,
-            cost: 1,
+        let windows = policy.iter().map(|(limit, value)| WindowArg {
+            key: CounterKey { key_id, limit },
+            limit: value,
+            cost: amounts.get(limit),
         });
-        match s.run(windows, limits.len()).await {
+        let lease = policy.max_concurrent.map(|max| LeaseArg {
+            key_id,
+            max: u64::from(max),
+            ttl_ms: u64::try_from(s.lease_ttl.as_millis()).unwrap_or(u64::MAX),
+            member,
+        });
+        let n = policy.len() + usize::from(lease.is_some());
+        let timeout_us = u64::try_from(s.timeout.as_micros()).unwrap_or(u64::MAX);
+        let cmd = script::check_cmd(&s.sha, s.clock.deadline_us(timeout_us), windows, lease);
+        match s.run(&cmd, n).await {
             Ok(reply) => {
-                let checked = Checked {
-                    decision: s.apply(key_id, limits, &reply),
-                    degraded: false,
-                };
                 count(match reply.status {
                     Status::Refused => CallResult::Denied,
                     _ => CallResult::Ok,
                 });
-                checked
+                self.apply(key_id, policy, amounts, &reply, member)
             }
             Err(e) => {
                 count(e.result());
-                s.fallback(key_id, limits)
+                s.fallback(key_id, policy, amounts)
             }
+        }
+    }
+
+    /// Settles `ticket` to `actual`: local counters at once, Redis with one
+    /// fire-and-forget call on the limiter's thread (failures counted in
+    /// `ai4free_limit_settle_failures_total`).
+    pub fn settle(&self, ticket: Ticket, actual: &Amounts) {
+        let s = &self.shared;
+        let Ticket {
+            key_id,
+            reserved,
+            starts,
+            counted,
+            lease,
+        } = ticket;
+        let member = match lease {
+            Some(Lease::Redis(g)) => g.disarm().map(|l| l.member),
+            _ => None,
+        };
+        let deltas = settle_deltas(&starts, &reserved, actual);
+        match counted {
+            Counted::Local => {
+                let now = s.clock.now_ms();
+                for (limit, start, delta) in deltas.iter().flatten() {
+                    s.local.adjust(&key_id, *limit, *start, *delta, now);
+                }
+            }
+            Counted::Redis if deltas.iter().flatten().next().is_some() || member.is_some() => {
+                let shared = s.clone();
+                s.rt.spawn(async move {
+                    let adjust: Vec<SettleArg<'_>> = deltas
+                        .iter()
+                        .flatten()
+                        .map(|&(limit, start, delta)| SettleArg {
+                            key: CounterKey {
+                                key_id: &key_id,
+                                limit,
+                            },
+                            start,
+                            delta,
+                        })
+                        .collect();
+                    shared
+                        .settle_call(&key_id, &adjust, member.as_deref())
+                        .await;
+                });
+            }
+            Counted::Redis => {}
+        }
+    }
+
+    /// Leases this node holds and renews.
+    pub fn live_leases(&self) -> usize {
+        self.shared.leases.lock().len()
+    }
+
+    /// The admission from a script reply; also teaches the shield what Redis said.
+    fn apply(
+        &self,
+        key_id: &str,
+        policy: &Policy,
+        amounts: &Amounts,
+        reply: &Reply,
+        member: &str,
+    ) -> Admission {
+        let s = &self.shared;
+        let now = reply.now_ms();
+        let refused_call = reply.status == Status::Refused;
+        let mut states: LimitStates = [None; LIMITS];
+        let mut any_refused = false;
+        for ((limit, value), &(start, used)) in policy.iter().zip(reply.windows()) {
+            let cost = amounts.get(limit);
+            let refused = refused_call && used.saturating_add(cost) > value;
+            any_refused |= refused;
+            states[limit.index()] = Some(LimitState {
+                limit,
+                value,
+                used,
+                cost,
+                start,
+                reset: limit.span().reset(now, start),
+                refused,
+            });
+            if limit.meter() == Meter::Requests {
+                match reply.status {
+                    Status::Admitted => s.local.record_limit(key_id, limit, start, cost),
+                    Status::Refused if refused => s.local.record_limit(key_id, limit, start, value),
+                    _ => {}
+                }
+            }
+        }
+        let concurrency = policy.max_concurrent.map(|max| {
+            let in_flight = reply.windows().get(policy.len()).map_or(0, |w| w.1);
+            let max = u64::from(max);
+            ConcurrencyState {
+                value: max,
+                in_flight,
+                refused: refused_call && in_flight + 1 > max,
+            }
+        });
+        if refused_call && !any_refused && !concurrency.is_some_and(|c| c.refused) {
+            // Redis refused although nothing looks full (limits changed between the
+            // call and now): refuse on the tightest window rather than admit.
+            if let Some(st) = states
+                .iter_mut()
+                .flatten()
+                .min_by_key(|st| st.value.saturating_sub(st.used))
+            {
+                st.refused = true;
+            }
+        }
+        let verdict = judge(&states, concurrency);
+        let settles = policy.needs_body() || policy.max_concurrent.is_some();
+        let ticket = (verdict.allowed() && settles).then(|| Ticket {
+            key_id: key_id.to_owned(),
+            reserved: *amounts,
+            starts: states.map(|st| st.map(|st| st.start)),
+            counted: Counted::Redis,
+            lease: policy
+                .max_concurrent
+                .map(|_| Lease::Redis(s.register_lease(key_id, member))),
+        });
+        Admission {
+            verdict,
+            degraded: false,
+            ticket,
+            states,
         }
     }
 
@@ -304,15 +520,14 @@ impl Shared {
     }
 
     /// One script call with the timeout, the breaker and the clock updated.
-    async fn run<'a>(
-        &self,
-        windows: impl Iterator<Item = WindowArg<'a>> + Clone,
-        n: usize,
-    ) -> Result<Reply, CallError> {
+    async fn run(&self, cmd: &Cmd, n: usize) -> Result<Reply, CallError> {
         let started = Instant::now();
-        let timeout_us = u64::try_from(self.timeout.as_micros()).unwrap_or(u64::MAX);
-        let cmd = script::check_cmd(&self.sha, self.clock.deadline_us(timeout_us), windows);
-        let result = match tokio::time::timeout(self.timeout, self.call(&cmd)).await {
+        let result = match tokio::time::timeout(
+            self.timeout,
+            self.call(cmd, script::WINDOWS_LUA, &self.sha),
+        )
+        .await
+        {
             Ok(r) => r,
             Err(_) => Err(CallError::Timeout),
         };
@@ -336,13 +551,13 @@ impl Shared {
         }
     }
 
-    async fn call(&self, cmd: &Cmd) -> Result<Value, CallError> {
+    async fn call(&self, cmd: &Cmd, lua: &str, sha: &str) -> Result<Value, CallError> {
         let conn = self.conn.load_full().ok_or(CallError::NotConnected)?;
         let mut c = (*conn).clone();
         let result = match cmd.query_async::<Value>(&mut c).await {
             Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
                 // Redis restarted or its scripts were flushed.
-                match load_script(&mut c, &self.sha).await {
+                match load_script(&mut c, lua, sha).await {
                     Ok(()) => cmd.query_async::<Value>(&mut c).await,
                     Err(CallError::Redis(e)) => Err(e),
                     Err(other) => return Err(other),
@@ -402,57 +617,116 @@ impl Shared {
         }
     }
 
-    /// The decision from a script reply; also teaches the shield what Redis said.
-    fn apply(&self, key_id: &str, limits: &RequestLimits, reply: &Reply) -> Option<Decision> {
-        let now = reply.now_ms();
-        let mut states: WindowStates = [None; WINDOWS];
-        let mut any_refused = false;
-        for ((w, limit), &(start, used)) in limits.iter().zip(reply.windows()) {
-            let refused = reply.status == Status::Refused && used.saturating_add(1) > limit;
-            any_refused |= refused;
-            states[w.index()] = Some(WindowState {
-                window: w,
-                limit,
-                used,
-                reset: window_reset(now, start, w.period_ms()),
-                refused,
-            });
-            match reply.status {
-                Status::Admitted => self.local.record(key_id, w, start, 1),
-                Status::Refused if refused => self.local.record(key_id, w, start, limit),
-                _ => {}
+    /// The admission while Redis cannot answer, per `on_failure`.
+    fn fallback(&self, key_id: &str, policy: &Policy, amounts: &Amounts) -> Admission {
+        let now = self.clock.now_ms();
+        let mut a = match self.on_failure {
+            OnFailure::LocalShare => super::admit_locally(
+                &self.local,
+                key_id,
+                &policy.shared(self.nodes),
+                amounts,
+                now,
+            ),
+            OnFailure::Allow => {
+                let states = self.local.peek_all(key_id, policy, amounts, now);
+                let mut verdict = judge(&states, None);
+                verdict.outcome = Outcome::Allow;
+                Admission {
+                    verdict,
+                    degraded: true,
+                    ticket: None,
+                    states,
+                }
             }
-        }
-        if reply.status == Status::Refused && !any_refused {
-            // Redis refused although no window looks full (limits changed between
-            // the call and now): refuse on the tightest window rather than admit.
-            if let Some(s) = states
-                .iter_mut()
-                .flatten()
-                .min_by_key(|s| s.limit.saturating_sub(s.used))
-            {
-                s.refused = true;
-            }
-        }
-        decide(&states)
+            OnFailure::Deny => Admission {
+                verdict: Verdict {
+                    outcome: Outcome::Unavailable,
+                    ..Verdict::NONE
+                },
+                degraded: true,
+                ticket: None,
+                states: [None; LIMITS],
+            },
+        };
+        a.degraded = true;
+        a
     }
 
-    /// The decision while Redis cannot answer, per `on_failure`.
-    fn fallback(&self, key_id: &str, limits: &RequestLimits) -> Checked {
-        let now = self.clock.now_ms();
-        let decision = match self.on_failure {
-            OnFailure::LocalShare => {
-                decide(&self.local.take(key_id, &limits.shared(self.nodes), 1, now))
+    fn register_lease(self: &Arc<Self>, key_id: &str, member: &str) -> LeaseGuard {
+        let id = self.next_lease.fetch_add(1, Ordering::Relaxed);
+        self.leases.lock().insert(
+            id,
+            LiveLease {
+                key_id: key_id.to_owned(),
+                member: member.to_owned(),
+            },
+        );
+        LeaseGuard {
+            shared: self.clone(),
+            id,
+        }
+    }
+
+    /// One settle.lua call; a failure is counted, never retried (the reservation
+    /// then stays as reserved, and a lease expires within its TTL).
+    async fn settle_call(&self, key_id: &str, adjust: &[SettleArg<'_>], member: Option<&str>) {
+        let timeout_us = u64::try_from(SETTLE_TIMEOUT.as_micros()).unwrap_or(u64::MAX);
+        let cmd = script::settle_cmd(
+            &self.settle_sha,
+            self.clock.deadline_us(timeout_us),
+            adjust,
+            member.map(|m| (key_id, m)),
+        );
+        let call = self.call(&cmd, script::SETTLE_LUA, &self.settle_sha);
+        let ok = match tokio::time::timeout(SETTLE_TIMEOUT, call).await {
+            Ok(Ok(Value::Array(v))) => matches!(v.first(), Some(Value::Int(1))),
+            Ok(Ok(_)) => false,
+            Ok(Err(e)) => {
+                log::debug!("settling a reservation failed: {e}");
+                false
             }
-            OnFailure::Allow => decide(&self.local.peek(key_id, limits, 0, now)).map(|d| match d {
-                Decision::Deny(i) => Decision::Allow(i),
-                d => d,
-            }),
-            OnFailure::Deny => Some(Decision::Unavailable),
+            Err(_) => false,
         };
-        Checked {
-            decision,
-            degraded: true,
+        if !ok {
+            metrics::LIMIT_SETTLE_FAILURES
+                .with_label_values(&[if adjust.is_empty() {
+                    "release"
+                } else {
+                    "settle"
+                }])
+                .inc();
+        }
+    }
+
+    /// Pushes every live lease's expiry one TTL ahead, in one pipeline.
+    async fn renew(&self) {
+        let ttl_ms = u64::try_from(self.lease_ttl.as_millis()).unwrap_or(u64::MAX);
+        let pipe = {
+            let leases = self.leases.lock();
+            if leases.is_empty() {
+                return;
+            }
+            script::renew_pipe(
+                leases
+                    .values()
+                    .map(|l| (l.key_id.as_str(), l.member.as_str())),
+                self.clock.now_ms().saturating_add(ttl_ms),
+                ttl_ms,
+            )
+        };
+        let Some(conn) = self.conn.load_full() else {
+            metrics::LIMIT_SETTLE_FAILURES
+                .with_label_values(&["renew"])
+                .inc();
+            return;
+        };
+        let mut c = (*conn).clone();
+        let r = tokio::time::timeout(SETTLE_TIMEOUT, pipe.query_async::<()>(&mut c)).await;
+        if !matches!(r, Ok(Ok(()))) {
+            metrics::LIMIT_SETTLE_FAILURES
+                .with_label_values(&["renew"])
+                .inc();
         }
     }
 
@@ -465,7 +739,8 @@ impl Shared {
             .client
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
-        load_script(&mut conn, &self.sha).await?;
+        load_script(&mut conn, script::WINDOWS_LUA, &self.sha).await?;
+        load_script(&mut conn, script::SETTLE_LUA, &self.settle_sha).await?;
         // Learn Redis's clock now, so even the first calls carry a deadline.
         let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await?;
         let received = self.clock.local_us();
@@ -487,7 +762,8 @@ impl Shared {
             b.admit(Instant::now())
         };
         if admit == Admit::Probe {
-            let result = self.run(std::iter::empty(), 0).await;
+            let cmd = script::check_cmd(&self.sha, 0, std::iter::empty(), None);
+            let result = self.run(&cmd, 0).await;
             count(match &result {
                 Ok(_) => CallResult::Ok,
                 Err(e) => e.result(),
@@ -505,10 +781,30 @@ impl Drop for Shared {
     }
 }
 
-async fn load_script(conn: &mut MultiplexedConnection, sha: &str) -> Result<(), CallError> {
+/// Every third of the lease TTL, renews this node's live leases; ends with the
+/// limiter.
+async fn renew_leases(shared: std::sync::Weak<Shared>) {
+    let every = match shared.upgrade() {
+        Some(s) => s.lease_ttl / 3,
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(s) = shared.upgrade() else {
+            return;
+        };
+        s.renew().await;
+    }
+}
+
+async fn load_script(
+    conn: &mut MultiplexedConnection,
+    lua: &str,
+    sha: &str,
+) -> Result<(), CallError> {
     let loaded: String = redis::cmd("SCRIPT")
         .arg("LOAD")
-        .arg(script::WINDOWS_LUA)
+        .arg(lua)
         .query_async(conn)
         .await?;
     if loaded.eq_ignore_ascii_case(sha) {
@@ -607,6 +903,7 @@ mod tests {
             timeout: Duration::from_millis(20),
             on_failure: OnFailure::LocalShare,
             nodes: 1,
+            lease_ttl: Duration::from_secs(30),
         };
         // Enabling the client's TLS feature would make this start (degraded).
         let Err(e) = RedisLimiter::start(&settings, LocalLimiter::new(64)) else {

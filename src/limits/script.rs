@@ -2,64 +2,45 @@
 //! that names Redis keys, the `EVALSHA` command builder and the reply parser. No IO.
 //!
 //! Key names are a stable API (renaming them forgets every live count):
-//! `a4f:{<key_id>}:<kind>:<period>`, with kind `rq` for requests (issue 5 adds
-//! token and spend kinds) and period `1s`, `1m`, `1h` or `1d`. The braces are a
-//! Redis Cluster hash tag: all windows of one API key live in one slot, so one
-//! script call can touch them all.
+//! `a4f:{<key_id>}:<kind>:<period>`, with kind `rq` (requests), `tk` (tokens) or
+//! `usd` (nano-USD) and period `1s`, `1m`, `1h`, `1d` or `mo` (UTC calendar
+//! month), plus `a4f:{<key_id>}:cc`, the ZSET of concurrency leases. The braces
+//! are a Redis Cluster hash tag: everything of one API key lives in one slot, so
+//! one script call can touch it all.
 
 use std::io::Write;
 
 use redis::{Cmd, RedisWrite, ToRedisArgs, Value};
 
-use super::Window;
+use super::policy::{Limit, Span};
 
-/// `lua/windows.lua`: checks and counts all of a key's windows atomically.
+/// `lua/windows.lua`: checks and reserves all of a key's limits (and its
+/// concurrency lease) atomically.
 pub const WINDOWS_LUA: &str = include_str!("../../lua/windows.lua");
 
-/// Most windows one call may carry (4 request windows today; room for token and
-/// spend windows).
-pub const MAX_WINDOWS: usize = 8;
+/// `lua/settle.lua`: adjusts reservations to what was used and releases a lease.
+pub const SETTLE_LUA: &str = include_str!("../../lua/settle.lua");
 
-/// What is being counted in a window.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// Requests (cost 1 each).
-    Requests,
-}
+/// Most entries one call may carry: eight counted limits and a lease.
+pub const MAX_WINDOWS: usize = 9;
 
-impl Kind {
-    const fn tag(self) -> &'static str {
-        match self {
-            Kind::Requests => "rq",
-        }
-    }
-}
-
-/// The Redis key of one window of one API key; written straight into the command
-/// buffer, never allocated on its own.
+/// The Redis key of one counted limit of one API key; written straight into the
+/// command buffer, never allocated on its own.
 #[derive(Debug, Clone, Copy)]
-pub struct WindowKey<'a> {
+pub struct CounterKey<'a> {
     /// The API key's public id.
     pub key_id: &'a str,
-    /// What is counted.
-    pub kind: Kind,
-    /// Which window.
-    pub window: Window,
+    /// Which limit.
+    pub limit: Limit,
 }
 
-impl std::fmt::Display for WindowKey<'_> {
+impl std::fmt::Display for CounterKey<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "a4f:{{{}}}:{}:{}",
-            self.key_id,
-            self.kind.tag(),
-            self.window.key_suffix()
-        )
+        write!(f, "a4f:{{{}}}:{}", self.key_id, self.limit.key_tag())
     }
 }
 
-impl ToRedisArgs for WindowKey<'_> {
+impl ToRedisArgs for CounterKey<'_> {
     fn write_redis_args<W>(&self, out: &mut W)
     where
         W: ?Sized + RedisWrite,
@@ -69,35 +50,138 @@ impl ToRedisArgs for WindowKey<'_> {
     }
 }
 
-/// One window of a script call.
+/// The Redis key of an API key's concurrency leases (a ZSET: member = request id,
+/// score = expiry in Redis ms).
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseKey<'a>(pub &'a str);
+
+impl std::fmt::Display for LeaseKey<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "a4f:{{{}}}:cc", self.0)
+    }
+}
+
+impl ToRedisArgs for LeaseKey<'_> {
+    fn write_redis_args<W>(&self, out: &mut W)
+    where
+        W: ?Sized + RedisWrite,
+    {
+        let _ = write!(out.writer_for_next_arg(), "{self}");
+    }
+}
+
+/// One counted limit of an admission call.
 #[derive(Debug, Clone, Copy)]
 pub struct WindowArg<'a> {
     /// Its key.
-    pub key: WindowKey<'a>,
-    /// Its limit.
+    pub key: CounterKey<'a>,
+    /// Its value.
     pub limit: u64,
-    /// What this call adds when admitted.
+    /// What this call reserves when admitted.
     pub cost: u64,
 }
 
-/// `EVALSHA <sha> <n> <keys…> <deadline_us> (<period_ms> <limit> <cost>)…`.
+/// The concurrency lease of an admission call.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseArg<'a> {
+    /// The API key's public id.
+    pub key_id: &'a str,
+    /// `max_concurrent`.
+    pub max: u64,
+    /// Lease lifetime unless renewed, ms.
+    pub ttl_ms: u64,
+    /// The lease's member (the request id).
+    pub member: &'a str,
+}
+
+fn span_arg(cmd: &mut Cmd, span: Span) {
+    match span {
+        Span::Fixed(ms) => cmd.arg(ms),
+        Span::Month => cmd.arg("month"),
+    };
+}
+
+/// `EVALSHA <sha> <n> <keys…> [<lease key>] <deadline_us> <member>
+/// (<span> <limit> <cost>)… ['lease' <max> <ttl_ms>]`.
 pub fn check_cmd<'a>(
     sha: &str,
     deadline_us: u64,
     windows: impl Iterator<Item = WindowArg<'a>> + Clone,
+    lease: Option<LeaseArg<'a>>,
 ) -> Cmd {
-    let n = windows.clone().count();
+    let n = windows.clone().count() + usize::from(lease.is_some());
     // Sized so the buffer is allocated once: ~40 bytes per key, ~30 per triple.
-    let mut cmd = Cmd::with_capacity(4 + 4 * n, 80 + 72 * n);
+    let mut cmd = Cmd::with_capacity(5 + 4 * n, 100 + 72 * n);
     cmd.arg("EVALSHA").arg(sha).arg(n);
     for w in windows.clone() {
         cmd.arg(w.key);
     }
-    cmd.arg(deadline_us);
+    if let Some(l) = &lease {
+        cmd.arg(LeaseKey(l.key_id));
+    }
+    cmd.arg(deadline_us).arg(lease.map_or("", |l| l.member));
     for w in windows {
-        cmd.arg(w.key.window.period_ms()).arg(w.limit).arg(w.cost);
+        span_arg(&mut cmd, w.key.limit.span());
+        cmd.arg(w.limit).arg(w.cost);
+    }
+    if let Some(l) = lease {
+        cmd.arg("lease").arg(l.max).arg(l.ttl_ms);
     }
     cmd
+}
+
+/// One adjustment of a settlement: `delta` to the window that started at `start`.
+#[derive(Debug, Clone, Copy)]
+pub struct SettleArg<'a> {
+    /// The counter.
+    pub key: CounterKey<'a>,
+    /// The window the reservation was counted in (Unix ms).
+    pub start: u64,
+    /// Actual − reserved.
+    pub delta: i64,
+}
+
+/// `EVALSHA <sha> <n> <keys…> [<lease key>] <deadline_us> <member> (<start> <delta>)…`.
+pub fn settle_cmd(
+    sha: &str,
+    deadline_us: u64,
+    adjust: &[SettleArg<'_>],
+    lease: Option<(&str, &str)>,
+) -> Cmd {
+    let n = adjust.len() + usize::from(lease.is_some());
+    let mut cmd = Cmd::with_capacity(5 + 3 * n, 100 + 64 * n);
+    cmd.arg("EVALSHA").arg(sha).arg(n);
+    for a in adjust {
+        cmd.arg(a.key);
+    }
+    if let Some((key_id, _)) = lease {
+        cmd.arg(LeaseKey(key_id));
+    }
+    cmd.arg(deadline_us).arg(lease.map_or("", |(_, m)| m));
+    for a in adjust {
+        cmd.arg(a.start).arg(a.delta);
+    }
+    cmd
+}
+
+/// A pipeline pushing the expiry of live leases to `expires_ms` (Redis time) and
+/// keeping each lease set alive as long; a lease that already expired stays gone.
+pub fn renew_pipe<'a>(
+    leases: impl Iterator<Item = (&'a str, &'a str)>,
+    expires_ms: u64,
+    ttl_ms: u64,
+) -> redis::Pipeline {
+    let mut p = redis::pipe();
+    for (key_id, member) in leases {
+        p.cmd("ZADD")
+            .arg(LeaseKey(key_id))
+            .arg("XX")
+            .arg(expires_ms)
+            .arg(member)
+            .ignore();
+        p.cmd("PEXPIRE").arg(LeaseKey(key_id)).arg(ttl_ms).ignore();
+    }
+    p
 }
 
 /// How the script decided.
@@ -197,35 +281,57 @@ mod tests {
             .collect()
     }
 
-    fn key(window: Window) -> WindowKey<'static> {
-        WindowKey {
+    fn key(limit: Limit) -> CounterKey<'static> {
+        CounterKey {
             key_id: "Zx81kQ2mP0aB",
-            kind: Kind::Requests,
-            window,
+            limit,
         }
     }
 
     #[test]
     fn key_names_are_stable_and_share_a_hash_tag() {
-        assert_eq!(key(Window::Minute).to_string(), "a4f:{Zx81kQ2mP0aB}:rq:1m");
-        assert_eq!(key(Window::Day).to_string(), "a4f:{Zx81kQ2mP0aB}:rq:1d");
+        assert_eq!(
+            key(Limit::RequestsPerMinute).to_string(),
+            "a4f:{Zx81kQ2mP0aB}:rq:1m"
+        );
+        assert_eq!(
+            key(Limit::RequestsPerDay).to_string(),
+            "a4f:{Zx81kQ2mP0aB}:rq:1d"
+        );
+        assert_eq!(
+            key(Limit::TokensPerMinute).to_string(),
+            "a4f:{Zx81kQ2mP0aB}:tk:1m"
+        );
+        assert_eq!(
+            key(Limit::SpendPerMonth).to_string(),
+            "a4f:{Zx81kQ2mP0aB}:usd:mo"
+        );
+        assert_eq!(
+            LeaseKey("Zx81kQ2mP0aB").to_string(),
+            "a4f:{Zx81kQ2mP0aB}:cc"
+        );
     }
 
     #[test]
     fn command_lists_keys_then_the_deadline_then_triples() {
         let windows = [
             WindowArg {
-                key: key(Window::Second),
+                key: key(Limit::RequestsPerSecond),
                 limit: 5,
                 cost: 1,
             },
             WindowArg {
-                key: key(Window::Hour),
+                key: key(Limit::SpendPerMonth),
                 limit: 1000,
-                cost: 1,
+                cost: 7,
             },
         ];
-        let cmd = check_cmd("abc123", 1_700_000_000_020_000, windows.iter().copied());
+        let cmd = check_cmd(
+            "abc123",
+            1_700_000_000_020_000,
+            windows.iter().copied(),
+            None,
+        );
         assert_eq!(
             args(&cmd),
             [
@@ -233,27 +339,72 @@ mod tests {
                 "abc123",
                 "2",
                 "a4f:{Zx81kQ2mP0aB}:rq:1s",
-                "a4f:{Zx81kQ2mP0aB}:rq:1h",
+                "a4f:{Zx81kQ2mP0aB}:usd:mo",
                 "1700000000020000",
+                "",
                 "1000",
                 "5",
                 "1",
-                "3600000",
+                "month",
                 "1000",
+                "7",
+            ]
+        );
+        let lease = LeaseArg {
+            key_id: "Zx81kQ2mP0aB",
+            max: 3,
+            ttl_ms: 30_000,
+            member: "req_1",
+        };
+        let cmd = check_cmd("abc", 0, windows[..1].iter().copied(), Some(lease));
+        assert_eq!(
+            args(&cmd),
+            [
+                "EVALSHA",
+                "abc",
+                "2",
+                "a4f:{Zx81kQ2mP0aB}:rq:1s",
+                "a4f:{Zx81kQ2mP0aB}:cc",
+                "0",
+                "req_1",
+                "1000",
+                "5",
                 "1",
+                "lease",
+                "3",
+                "30000",
+            ]
+        );
+        let adjust = [SettleArg {
+            key: key(Limit::TokensPerDay),
+            start: 86_400_000,
+            delta: -40,
+        }];
+        let cmd = settle_cmd("def", 9, &adjust, Some(("Zx81kQ2mP0aB", "req_1")));
+        assert_eq!(
+            args(&cmd),
+            [
+                "EVALSHA",
+                "def",
+                "2",
+                "a4f:{Zx81kQ2mP0aB}:tk:1d",
+                "a4f:{Zx81kQ2mP0aB}:cc",
+                "9",
+                "req_1",
+                "86400000",
+                "-40",
             ]
         );
     }
 
     #[test]
     fn script_is_embedded_and_documented() {
-        assert!(WINDOWS_LUA.contains("redis.call('TIME')"));
+        for lua in [WINDOWS_LUA, SETTLE_LUA] {
+            assert!(lua.contains("redis.call('TIME')"));
+            // Key names come from KEYS only.
+            assert!(!lua.contains("..'"), "no key names built in the script");
+        }
         assert!(WINDOWS_LUA.contains("PEXPIRE"));
-        // Key names come from KEYS only.
-        assert!(
-            !WINDOWS_LUA.contains("..'"),
-            "no key names built in the script"
-        );
     }
 
     #[test]

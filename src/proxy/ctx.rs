@@ -11,7 +11,7 @@ use bytes::Bytes;
 use super::request::{Endpoint, RequestHead};
 use crate::error::ProxyError;
 use crate::keys::cache::KeyEntry;
-use crate::limits::Decision;
+use crate::limits::{Ticket, Verdict};
 use crate::tokens::usage::StreamAccounting;
 
 /// What `request_filter` established about a proxied call; handed to a subrequest
@@ -34,8 +34,8 @@ pub struct Prepared {
     pub client_body: Bytes,
     /// The body the provider receives.
     pub upstream_body: Bytes,
-    /// The limit decision, for the response headers.
-    pub decision: Option<Decision>,
+    /// The limit verdict, for the response headers.
+    pub verdict: Option<Verdict>,
     /// Limits were decided without Redis: `x-ai4free-ratelimit: degraded`.
     pub ratelimit_degraded: bool,
     /// Whether the gateway asked for the usage chunk the client did not ask for.
@@ -72,8 +72,11 @@ pub struct Ctx {
     pub endpoint: Option<Endpoint>,
     /// Everything needed to go upstream.
     pub prepared: Option<Prepared>,
-    /// Limit decision (headers on every response).
-    pub decision: Option<Decision>,
+    /// Limit verdict (headers on every response).
+    pub verdict: Option<Verdict>,
+    /// The admitted request's reservation, settled in `logging`; dropping it
+    /// releases the concurrency slot on every path.
+    pub ticket: Option<Ticket>,
     /// Limits are decided without Redis: `x-ai4free-ratelimit: degraded` on the response.
     pub ratelimit_degraded: bool,
     /// The refusal the gateway produced itself, if any.
@@ -104,7 +107,8 @@ impl Ctx {
             key: None,
             endpoint: None,
             prepared: None,
-            decision: None,
+            verdict: None,
+            ticket: None,
             ratelimit_degraded: false,
             refusal: None,
             delegated: false,

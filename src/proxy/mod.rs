@@ -47,7 +47,8 @@ use crate::admin::report::{report_csv, report_json, Format};
 use crate::config::{Config, Model, Provider};
 use crate::error::ProxyError;
 use crate::keys::cache::{AuthError, KeyCache, KeyEntry};
-use crate::limits::{self, Decision, Limiter, RequestLimits};
+use crate::limits::policy::{expected_completion, nusd_ceil, reservation};
+use crate::limits::{self, Amounts, Limiter, Outcome, Policy, Ticket, Verdict};
 use crate::metrics;
 use crate::store::Store;
 use crate::tokens::count::Tokenizer;
@@ -227,8 +228,8 @@ async fn respond(
     if status == 401 {
         h.insert_header("www-authenticate", "Bearer")?;
     }
-    if let Some(d) = &ctx.decision {
-        rate_headers(&mut h, d)?;
+    if let Some(v) = &ctx.verdict {
+        rate_headers(&mut h, v)?;
     }
     if ctx.ratelimit_degraded {
         h.insert_header(DEGRADED_HEADER, "degraded")?;
@@ -243,14 +244,47 @@ async fn respond(
 /// Present, with value `degraded`, while limits are decided without Redis.
 const DEGRADED_HEADER: &str = "x-ai4free-ratelimit";
 
-fn rate_headers(h: &mut ResponseHeader, d: &Decision) -> Result<()> {
-    let Some(i) = d.info() else {
-        return Ok(());
-    };
-    h.insert_header("x-ratelimit-limit-requests", i.limit.to_string())?;
-    h.insert_header("x-ratelimit-remaining-requests", i.remaining.to_string())?;
-    h.insert_header("x-ratelimit-reset-requests", limits::format_reset(i.reset))?;
+fn rate_headers(h: &mut ResponseHeader, v: &Verdict) -> Result<()> {
+    if let Some(i) = &v.requests {
+        h.insert_header("x-ratelimit-limit-requests", i.limit.to_string())?;
+        h.insert_header("x-ratelimit-remaining-requests", i.remaining.to_string())?;
+        h.insert_header("x-ratelimit-reset-requests", limits::format_reset(i.reset))?;
+    }
+    if let Some(i) = &v.tokens {
+        h.insert_header("x-ratelimit-limit-tokens", i.limit.to_string())?;
+        h.insert_header("x-ratelimit-remaining-tokens", i.remaining.to_string())?;
+        h.insert_header("x-ratelimit-reset-tokens", limits::format_reset(i.reset))?;
+    }
     Ok(())
+}
+
+/// The ticket and verdict of an admission go into the context; a refusal comes back.
+fn admitted(ctx: &mut Ctx, a: limits::Admission) -> std::result::Result<(), ProxyError> {
+    ctx.verdict = Some(a.verdict);
+    ctx.ratelimit_degraded = a.degraded;
+    ctx.ticket = a.ticket;
+    match a.verdict.outcome {
+        Outcome::Allow => Ok(()),
+        Outcome::Deny(r) => {
+            metrics::RATE_LIMITED
+                .with_label_values(&[r.hit.name()])
+                .inc();
+            Err(ProxyError::RateLimited(r))
+        }
+        Outcome::TooLarge(r) => Err(ProxyError::ExceedsLimit(r)),
+        Outcome::Unavailable => Err(ProxyError::RateLimiterUnavailable),
+    }
+}
+
+/// The prompt's token count as the model's tokenizer sees it (0 if unparsable).
+fn count_prompt(tok: Tokenizer, ep: Endpoint, body: &[u8]) -> u64 {
+    use crate::tokens::count;
+    let r = match ep {
+        Endpoint::ChatCompletions => count::count_chat_prompt(tok, body),
+        Endpoint::Completions => count::count_completion_prompt(tok, body),
+        Endpoint::Embeddings => count::count_embedding_input(tok, body),
+    };
+    r.unwrap_or(0)
 }
 
 impl Gateway {
@@ -276,10 +310,10 @@ impl Gateway {
     async fn refuse(&self, session: &mut Session, ctx: &mut Ctx, err: ProxyError) -> Result<bool> {
         // The body may be large and unread: closing beats draining megabytes.
         session.set_keepalive(None);
-        let retry = match (&err, ctx.decision.as_ref().and_then(|d| d.info())) {
-            (ProxyError::RateLimited(_), Some(i)) => Some(limits::retry_after_secs(i.reset)),
+        let retry = match &err {
+            ProxyError::RateLimited(r) => Some(limits::retry_after_secs(r.reset)),
             // The breaker probes Redis again within a second.
-            (ProxyError::RateLimiterUnavailable, _) => Some(1),
+            ProxyError::RateLimiterUnavailable => Some(1),
             _ => None,
         };
         if let ProxyError::Auth(a) = &err {
@@ -381,11 +415,42 @@ impl Gateway {
             head,
             client_body: body,
             upstream_body,
-            decision: ctx.decision,
+            verdict: ctx.verdict,
             ratelimit_degraded: ctx.ratelimit_degraded,
             started: ctx.started,
             started_at_ms: ctx.started_at_ms,
         })
+    }
+
+    /// What admission reserves for a prepared call: one request, the prompt's exact
+    /// count plus the expected completion, and their cost at the model's prices.
+    async fn reservation(&self, p: &Prepared, policy: &Policy) -> Amounts {
+        let Some((_, model)) = self.model_of(p) else {
+            return Amounts::REQUEST;
+        };
+        let (tok, ep) = (model.tokenizer, p.endpoint);
+        let prompt = if p.client_body.len() > INLINE_COUNT_LIMIT {
+            let body = p.client_body.clone();
+            tokio::task::spawn_blocking(move || count_prompt(tok, ep, &body))
+                .await
+                .unwrap_or(0)
+        } else {
+            count_prompt(tok, ep, &p.client_body)
+        };
+        let completion = match ep {
+            Endpoint::Embeddings => 0,
+            _ => expected_completion(
+                p.head.max_completion_tokens,
+                p.head.max_tokens,
+                policy.default_max_tokens,
+            ),
+        };
+        reservation(
+            prompt,
+            completion,
+            model.input_price.micros_per_mtok,
+            model.output_price.micros_per_mtok,
+        )
     }
 
     fn models_body(&self, ctx: &Ctx) -> Bytes {
@@ -462,9 +527,11 @@ impl Gateway {
             return self.refuse(session, ctx, ProxyError::Internal).await;
         };
         let body = prepared.upstream_body.clone();
+        // The subrequest records usage, so it settles the reservation too.
+        let handoff: Handoff = (prepared, ctx.ticket.take());
         let sub_ctx = SubrequestCtx::builder()
             .body_mode(BodyMode::ExpectBody)
-            .user_ctx(Box::new(parking_lot::Mutex::new(Some(prepared))))
+            .user_ctx(Box::new(parking_lot::Mutex::new(Some(handoff))))
             .build();
         let (sub, handle) = spawner.create_subrequest(session.as_downstream(), sub_ctx);
         ctx.delegated = true;
@@ -583,6 +650,9 @@ impl Gateway {
     }
 }
 
+/// What a parent hands its large-body subrequest.
+type Handoff = (Prepared, Option<Ticket>);
+
 /// Prices a row at the model's configured prices (exact, integer pico-USD).
 fn price_row(model: &Model, row: &mut UsageRecord) {
     row.cost_pusd = usage_mod::cost_pusd(
@@ -604,14 +674,7 @@ enum CountJob {
 impl CountJob {
     fn run(self) -> (u64, Option<u64>) {
         use crate::tokens::count;
-        let prompt = |tok, ep, body: &[u8]| -> u64 {
-            let r = match ep {
-                Endpoint::ChatCompletions => count::count_chat_prompt(tok, body),
-                Endpoint::Completions => count::count_completion_prompt(tok, body),
-                Endpoint::Embeddings => count::count_embedding_input(tok, body),
-            };
-            r.unwrap_or(0)
-        };
+        let prompt = count_prompt;
         match self {
             CountJob::Prompt(tok, ep, body) => (prompt(tok, ep, &body), None),
             CountJob::PromptAndResponse(tok, ep, body, resp) => {
@@ -690,9 +753,9 @@ impl ProxyHttp for Gateway {
         if let Some(sub) = session.subrequest_ctx.as_mut() {
             let prepared = sub
                 .user_ctx_mut()
-                .and_then(|u| u.downcast_mut::<parking_lot::Mutex<Option<Prepared>>>())
+                .and_then(|u| u.downcast_mut::<parking_lot::Mutex<Option<Handoff>>>())
                 .and_then(|m| m.lock().take());
-            let Some(p) = prepared else {
+            let Some((p, ticket)) = prepared else {
                 return self.refuse(session, ctx, ProxyError::Internal).await;
             };
             ctx.started = p.started;
@@ -700,7 +763,8 @@ impl ProxyHttp for Gateway {
             ctx.request_id = Some(p.request_id.clone());
             ctx.key = Some(p.key.clone());
             ctx.endpoint = Some(p.endpoint);
-            ctx.decision = p.decision;
+            ctx.verdict = p.verdict;
+            ctx.ticket = ticket;
             ctx.ratelimit_degraded = p.ratelimit_degraded;
             ctx.prepared = Some(p);
             return Ok(false);
@@ -745,11 +809,7 @@ impl ProxyHttp for Gateway {
             }
             Err(e) => return self.refuse(session, ctx, ProxyError::Auth(e)).await,
         };
-        let limits = self
-            .config
-            .tier(&key.record.tier)
-            .map(RequestLimits::from_tier)
-            .unwrap_or_default();
+        let policy = Policy::effective(self.config.tier(&key.record.tier), &key.record.limits);
         let endpoint = match route {
             Route::Proxy(endpoint) => endpoint,
             Route::Usage => {
@@ -772,40 +832,49 @@ impl ProxyHttp for Gateway {
         };
         ctx.key = Some(key);
         ctx.endpoint = Some(endpoint);
-        let key_id = ctx
-            .key
-            .as_ref()
-            .map(|k| k.record.id.as_str())
-            .unwrap_or_default();
-        if !self.config.ablate.limits && !limits.is_empty() {
-            let checked = self.limiter.check(key_id, &limits).await;
-            ctx.decision = checked.decision;
-            ctx.ratelimit_degraded = checked.degraded;
-        }
-        match ctx.decision {
-            Some(Decision::Deny(info)) => {
-                metrics::RATE_LIMITED
-                    .with_label_values(&[info.window.limit_name()])
-                    .inc();
-                return self
-                    .refuse(
-                        session,
-                        ctx,
-                        ProxyError::RateLimited(info.window.describe()),
-                    )
-                    .await;
+        let limited = !self.config.ablate.limits && !policy.is_empty();
+        // Without a token or spend limit nothing depends on the prompt: admit before
+        // reading the body (a refused request costs no body read).
+        if limited && !policy.needs_body() {
+            let a = self
+                .limiter
+                .admit(
+                    key_id_of(ctx),
+                    &policy,
+                    &Amounts::REQUEST,
+                    request_id_of(ctx),
+                )
+                .await;
+            if let Err(e) = admitted(ctx, a) {
+                return self.refuse(session, ctx, e).await;
             }
-            Some(Decision::Unavailable) => {
-                return self
-                    .refuse(session, ctx, ProxyError::RateLimiterUnavailable)
-                    .await;
-            }
-            Some(Decision::Allow(_)) | None => {}
         }
-        let prepared = match self.prepare(session, ctx, endpoint).await {
+        let mut prepared = match self.prepare(session, ctx, endpoint).await {
             Ok(p) => p,
             Err(e) => return self.refuse(session, ctx, e).await,
         };
+        if limited && policy.needs_body() {
+            let amounts = self.reservation(&prepared, &policy).await;
+            let a = match policy.too_large(&amounts) {
+                Some(r) => limits::Admission {
+                    verdict: Verdict {
+                        outcome: Outcome::TooLarge(r),
+                        ..Verdict::NONE
+                    },
+                    ..limits::Admission::none(ctx.ratelimit_degraded)
+                },
+                None => {
+                    self.limiter
+                        .admit(key_id_of(ctx), &policy, &amounts, request_id_of(ctx))
+                        .await
+                }
+            };
+            if let Err(e) = admitted(ctx, a) {
+                return self.refuse(session, ctx, e).await;
+            }
+            prepared.verdict = ctx.verdict;
+            prepared.ratelimit_degraded = ctx.ratelimit_degraded;
+        }
         if prepared.client_body.len() > REPLAY_LIMIT || session.retry_buffer_truncated() {
             ctx.prepared = Some(prepared.clone());
             return self.delegate(session, ctx, prepared).await;
@@ -917,8 +986,8 @@ impl ProxyHttp for Gateway {
         if let Some(id) = &ctx.request_id {
             resp.insert_header("x-request-id", id.as_ref())?;
         }
-        if let Some(d) = &ctx.decision {
-            rate_headers(resp, d)?;
+        if let Some(v) = &ctx.verdict {
+            rate_headers(resp, v)?;
         }
         if ctx.ratelimit_degraded {
             resp.insert_header(DEGRADED_HEADER, "degraded")?;
@@ -1082,6 +1151,15 @@ impl ProxyHttp for Gateway {
         if let Some(m) = model {
             price_row(m, &mut row);
         }
+        if let Some(t) = ctx.ticket.take() {
+            // What was billed is what counts: an upstream failure before any output
+            // bills nothing and so refunds every token and cent reserved.
+            let actual = Amounts::billed(
+                row.prompt_tokens.saturating_add(row.completion_tokens),
+                nusd_ceil(u128::try_from(row.cost_pusd).unwrap_or(0)),
+            );
+            self.limiter.settle(t, &actual);
+        }
         if with_metrics && row.token_source != TokenSource::None {
             metrics::TOKENS
                 .with_label_values(&[model_label, "prompt"])
@@ -1095,6 +1173,14 @@ impl ProxyHttp for Gateway {
         }
         self.usage.record(row);
     }
+}
+
+fn key_id_of(ctx: &Ctx) -> &str {
+    ctx.key.as_ref().map_or("", |k| k.record.id.as_str())
+}
+
+fn request_id_of(ctx: &Ctx) -> &str {
+    ctx.request_id.as_deref().unwrap_or_default()
 }
 
 fn status_label(status: u16) -> &'static str {

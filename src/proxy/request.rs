@@ -108,6 +108,10 @@ pub struct RequestHead {
     pub has_stream_options: bool,
     /// `stream_options.include_usage` as sent by the client.
     pub include_usage: bool,
+    /// `max_tokens`, when a non-negative integer.
+    pub max_tokens: Option<u64>,
+    /// `max_completion_tokens`, when a non-negative integer.
+    pub max_completion_tokens: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -116,6 +120,10 @@ struct Head<'a> {
     model: Option<Cow<'a, str>>,
     stream: Option<Value>,
     stream_options: Option<Value>,
+    // Not validated here: a bad value is the provider's 400 to give; the
+    // reservation then falls back to the tier's default.
+    max_tokens: Option<Value>,
+    max_completion_tokens: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -166,6 +174,8 @@ pub fn parse_head(body: &[u8]) -> Result<RequestHead, ProxyError> {
         stream,
         has_stream_options,
         include_usage,
+        max_tokens: head.max_tokens.as_ref().and_then(Value::as_u64),
+        max_completion_tokens: head.max_completion_tokens.as_ref().and_then(Value::as_u64),
     })
 }
 
