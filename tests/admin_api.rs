@@ -69,30 +69,8 @@ fn create(gw: &TestGateway, body: Value) -> (String, String, Value) {
     )
 }
 
-fn chat(gw: &TestGateway, key: &str, model: &str) -> RawResponse {
-    let body = json!({"model": model, "messages": [{"role": "user", "content": "hello admin"}]});
-    rt().block_on(http::post_json(
-        gw.addr,
-        "/v1/chat/completions",
-        Some(key),
-        &body,
-        &[],
-    ))
-    .unwrap()
-}
-
 fn assert_error(r: &RawResponse, status: u16, code: &str, param: Option<&str>) {
-    assert_eq!(r.status, status, "{}", r.text());
-    assert_eq!(
-        r.header("content-type").as_deref(),
-        Some("application/json")
-    );
-    let v = r.json();
-    assert_eq!(v["error"]["code"], code, "{v}");
-    assert!(v["error"]["message"]
-        .as_str()
-        .is_some_and(|m| !m.is_empty()));
-    assert!(v["error"]["type"].is_string());
+    let v = http::assert_openai_error(r, status, code);
     assert_eq!(v["error"]["param"].as_str(), param, "{v}");
 }
 
@@ -373,13 +351,14 @@ fn patch_changes_each_field_and_the_proxy_follows() {
     let path = format!("/admin/keys/{id}");
     // The free tier allows 5 requests a minute.
     for _ in 0..5 {
-        assert_eq!(chat(&gw, &secret, "gpt-4o-mini").status, 200);
+        assert_eq!(gw.chat(&secret, "gpt-4o-mini").status, 200);
     }
-    assert_eq!(chat(&gw, &secret, "gpt-4o-mini").status, 429);
+    assert_eq!(gw.chat(&secret, "gpt-4o-mini").status, 429);
     let v = ok(&gw, "PATCH", &path, Some(&json!({"tier": "pro"})), 200);
     assert_eq!(v["tier"], "pro");
     assert!(
-        eventually(Duration::from_secs(1), || chat(&gw, &secret, "gpt-4o-mini")
+        eventually(Duration::from_secs(1), || gw
+            .chat(&secret, "gpt-4o-mini")
             .status
             == 200),
         "the tier change did not reach the proxy within a second"
@@ -394,12 +373,12 @@ fn patch_changes_each_field_and_the_proxy_follows() {
         200,
     );
     assert_eq!(v["models"], json!(["gpt-3.5-turbo"]));
-    let r = chat(&gw, &secret, "gpt-4o-mini");
+    let r = gw.chat(&secret, "gpt-4o-mini");
     assert_error(&r, 403, "model_not_allowed", Some("model"));
-    assert_eq!(chat(&gw, &secret, "gpt-3.5-turbo").status, 200);
+    assert_eq!(gw.chat(&secret, "gpt-3.5-turbo").status, 200);
     let v = ok(&gw, "PATCH", &path, Some(&json!({"models": null})), 200);
     assert_eq!(v["models"], json!([]));
-    assert_eq!(chat(&gw, &secret, "gpt-4o-mini").status, 200);
+    assert_eq!(gw.chat(&secret, "gpt-4o-mini").status, 200);
 
     // name, metadata, limits, expiry.
     let v = ok(&gw, "PATCH", &path, Some(&json!({"name": "renamed"})), 200);
@@ -460,7 +439,7 @@ fn patch_changes_each_field_and_the_proxy_follows() {
     let at = v["revoked_at"].clone();
     assert!(at.is_string());
     assert_error(
-        &chat(&gw, &secret, "gpt-4o-mini"),
+        &gw.chat(&secret, "gpt-4o-mini"),
         401,
         "revoked_api_key",
         None,
@@ -473,7 +452,7 @@ fn patch_changes_each_field_and_the_proxy_follows() {
 fn rotation_with_and_without_grace() {
     let gw = start();
     let (id, first, _) = create(&gw, json!({"tier": "pro"}));
-    assert_eq!(chat(&gw, &first, "gpt-4o-mini").status, 200);
+    assert_eq!(gw.chat(&first, "gpt-4o-mini").status, 200);
 
     // No grace: the old secret is refused at once, the new one works, same id.
     let v = ok(&gw, "POST", &format!("/admin/keys/{id}/rotate"), None, 200);
@@ -483,12 +462,12 @@ fn rotation_with_and_without_grace() {
     assert_ne!(second, first);
     assert!(second.contains(&id));
     assert_error(
-        &chat(&gw, &first, "gpt-4o-mini"),
+        &gw.chat(&first, "gpt-4o-mini"),
         401,
         "invalid_api_key",
         None,
     );
-    assert_eq!(chat(&gw, &second, "gpt-4o-mini").status, 200);
+    assert_eq!(gw.chat(&second, "gpt-4o-mini").status, 200);
 
     // With grace: both work until the grace ends, then only the new one.
     let before = now_ms();
@@ -505,8 +484,8 @@ fn rotation_with_and_without_grace() {
             .unwrap()
             .timestamp_millis();
     assert!((before + 3_000..=now_ms() + 3_000).contains(&until), "{v}");
-    assert_eq!(chat(&gw, &second, "gpt-4o-mini").status, 200);
-    assert_eq!(chat(&gw, &third, "gpt-4o-mini").status, 200);
+    assert_eq!(gw.chat(&second, "gpt-4o-mini").status, 200);
+    assert_eq!(gw.chat(&third, "gpt-4o-mini").status, 200);
     assert!(
         now_ms() < until,
         "the checks above must run inside the grace period"
@@ -514,12 +493,13 @@ fn rotation_with_and_without_grace() {
     let wait = u64::try_from(until - now_ms()).unwrap_or(0);
     std::thread::sleep(Duration::from_millis(wait));
     assert!(
-        eventually(Duration::from_secs(1), || chat(&gw, &second, "gpt-4o-mini")
+        eventually(Duration::from_secs(1), || gw
+            .chat(&second, "gpt-4o-mini")
             .status
             == 401),
         "the old secret still works a second after its grace ended"
     );
-    assert_eq!(chat(&gw, &third, "gpt-4o-mini").status, 200);
+    assert_eq!(gw.chat(&third, "gpt-4o-mini").status, 200);
     // Usage stays on the one id.
     let rows = gw.wait_rows(5);
     assert!(rows
@@ -548,7 +528,7 @@ fn expiry_is_enforced_within_a_second() {
         json!({"tier": "pro", "expires_at": rfc3339_ms(expires)}),
     );
     assert_eq!(v["expires_at"], rfc3339_ms(expires).as_str());
-    assert_eq!(chat(&gw, &secret, "gpt-4o-mini").status, 200);
+    assert_eq!(gw.chat(&secret, "gpt-4o-mini").status, 200);
     assert!(now_ms() < expires, "the check above must run before expiry");
     let statuses = |s: &str| {
         ids(&ok(
@@ -564,13 +544,14 @@ fn expiry_is_enforced_within_a_second() {
         u64::try_from(expires - now_ms()).unwrap_or(0),
     ));
     assert!(
-        eventually(Duration::from_secs(1), || chat(&gw, &secret, "gpt-4o-mini")
+        eventually(Duration::from_secs(1), || gw
+            .chat(&secret, "gpt-4o-mini")
             .status
             == 401),
         "the key still works a second after expires_at"
     );
     assert_error(
-        &chat(&gw, &secret, "gpt-4o-mini"),
+        &gw.chat(&secret, "gpt-4o-mini"),
         401,
         "expired_api_key",
         None,
@@ -593,10 +574,10 @@ fn usage_reports_group_filter_and_export_csv() {
         json!({"tier": "pro", "owner": "bob", "project": "chat"}),
     );
     for _ in 0..3 {
-        assert_eq!(chat(&gw, &ka, "gpt-4o-mini").status, 200);
+        assert_eq!(gw.chat(&ka, "gpt-4o-mini").status, 200);
     }
-    assert_eq!(chat(&gw, &ka, "gpt-3.5-turbo").status, 200);
-    assert_eq!(chat(&gw, &kb, "gpt-3.5-turbo").status, 200);
+    assert_eq!(gw.chat(&ka, "gpt-3.5-turbo").status, 200);
+    assert_eq!(gw.chat(&kb, "gpt-3.5-turbo").status, 200);
     assert_eq!(gw.wait_rows(5).len(), 5);
     let today = ai4free::store::day_of_ms(now_ms());
 

@@ -15,30 +15,9 @@ fn get(gw: &TestGateway, key: Option<&str>, path: &str) -> RawResponse {
     rt().block_on(http::get(gw.addr, path, key)).unwrap()
 }
 
-fn chat(gw: &TestGateway, key: &str, model: &str) -> RawResponse {
-    let body = json!({"model": model, "messages": [{"role": "user", "content": "hello"}]});
-    rt().block_on(http::post_json(
-        gw.addr,
-        "/v1/chat/completions",
-        Some(key),
-        &body,
-        &[],
-    ))
-    .unwrap()
-}
-
 fn assert_error(r: &RawResponse, status: u16, code: &str, param: Option<&str>) {
-    assert_eq!(r.status, status, "{}", r.text());
-    assert_eq!(
-        r.header("content-type").as_deref(),
-        Some("application/json")
-    );
-    let v = r.json();
-    assert_eq!(v["error"]["code"], code, "{v}");
+    let v = http::assert_openai_error(r, status, code);
     assert_eq!(v["error"]["param"].as_str(), param, "{v}");
-    assert!(v["error"]["message"]
-        .as_str()
-        .is_some_and(|m| !m.is_empty()));
 }
 
 /// `GET /v1/usage` as JSON, with the gateway's flush lag absorbed: retries until
@@ -64,11 +43,11 @@ fn usage_shows_a_key_its_own_numbers_only() {
     let (a_id, a) = gw.create_key("pro", &[], None);
     let (b_id, b) = gw.create_key("pro", &[], None);
     for model in ["gpt-4o-mini", "gpt-4o-mini", "gpt-3.5-turbo"] {
-        assert_eq!(chat(&gw, &a, model).status, 200);
+        assert_eq!(gw.chat(&a, model).status, 200);
     }
-    assert_eq!(chat(&gw, &a, "no-such-model").status, 404);
+    assert_eq!(gw.chat(&a, "no-such-model").status, 404);
     for _ in 0..2 {
-        assert_eq!(chat(&gw, &b, "gpt-4o-mini").status, 200);
+        assert_eq!(gw.chat(&b, "gpt-4o-mini").status, 200);
     }
 
     let by_day = usage_json(&gw, &a, "", 4);
@@ -172,7 +151,7 @@ fn usage_shows_a_key_its_own_numbers_only() {
     }
 
     // None of the /v1/usage calls became a usage row: one more chat is row 7 of 7.
-    assert_eq!(chat(&gw, &a, "gpt-4o-mini").status, 200);
+    assert_eq!(gw.chat(&a, "gpt-4o-mini").status, 200);
     let rows = gw.wait_rows(7);
     std::thread::sleep(Duration::from_millis(200));
     let rows_after = gw.usage_rows();
@@ -201,7 +180,7 @@ fn usage_is_503_while_the_store_cannot_answer() {
         r.text()
     );
     // Chats do not depend on the report's table being readable.
-    assert_eq!(chat(&gw, &key, "gpt-4o-mini").status, 200);
+    assert_eq!(gw.chat(&key, "gpt-4o-mini").status, 200);
     db.execute_batch("ALTER TABLE usage_daily_away RENAME TO usage_daily")
         .unwrap();
     assert_eq!(get(&gw, Some(&key), "/v1/usage").status, 200);
@@ -238,13 +217,13 @@ fn models_lists_exactly_what_the_key_may_call() {
     let listed = ids(&other);
     assert_eq!(listed, ["other/gpt-4o-mini"]);
     for id in &listed {
-        assert_eq!(chat(&gw, &other, id).status, 200, "listed {id} refused");
+        assert_eq!(gw.chat(&other, id).status, 200, "listed {id} refused");
     }
-    assert_eq!(chat(&gw, &other, "gpt-4o-mini").status, 403);
+    assert_eq!(gw.chat(&other, "gpt-4o-mini").status, 403);
     // Every listed model of every key can actually be called.
     for key in [&all, &two] {
         for id in ids(key) {
-            let status = chat(&gw, key, &id).status;
+            let status = gw.chat(key, &id).status;
             assert!(status == 200 || status == 429, "{id}: {status}");
         }
     }
@@ -272,7 +251,7 @@ fn last_used_at_follows_use_without_a_write_per_request() {
     assert_eq!(last_used(&used_id), None);
     let before = ai4free::usage::now_ms();
     for _ in 0..20 {
-        assert_eq!(chat(&gw, &used, "gpt-4o-mini").status, 200);
+        assert_eq!(gw.chat(&used, "gpt-4o-mini").status, 200);
     }
     // The test config flushes every 100 ms.
     let t = Instant::now();

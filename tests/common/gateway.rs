@@ -237,6 +237,20 @@ tiers:
         (k.id, k.key)
     }
 
+    /// A non-streaming chat completion for `model` with `key`, blocking.
+    pub fn chat(&self, key: &str, model: &str) -> crate::common::http::RawResponse {
+        let body =
+            serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hello"}]});
+        rt().block_on(crate::common::http::post_json(
+            self.addr,
+            "/v1/chat/completions",
+            Some(key),
+            &body,
+            &[],
+        ))
+        .unwrap()
+    }
+
     pub fn revoke(&self, id: &str) {
         assert!(rt()
             .block_on(self.store.revoke_key(id, ai4free::usage::now_ms()))

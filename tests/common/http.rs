@@ -14,6 +14,26 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// Checks an answer in OpenAI's error shape: the status, a JSON content type,
+/// `error.code`, a non-empty message and a type. Returns the body for more checks.
+pub fn assert_openai_error(r: &RawResponse, status: u16, code: &str) -> serde_json::Value {
+    assert_eq!(r.status, status, "{}", r.text());
+    assert_eq!(
+        r.header("content-type").as_deref(),
+        Some("application/json")
+    );
+    let v = r.json();
+    assert_eq!(v["error"]["code"], code, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{v}"
+    );
+    assert!(v["error"]["type"].is_string(), "{v}");
+    v
+}
+
 /// Limit for [`send`] as a whole and for each step of a [`StreamingResponse`].
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
