@@ -3,6 +3,7 @@
 //! It holds what the phases learn (key, route, limits) and the response-side
 //! accounting buffers. It is created empty by `new_ctx` and dropped after `logging`.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -112,6 +113,11 @@ pub struct Ctx {
     pub cut_tail: Option<Bytes>,
     /// The stream was ended at the allowance (expected: no error log line).
     pub cut_mid_stream: bool,
+    /// Under `enforce_mid_stream`: body bytes released so far.
+    pub released: u64,
+    /// Under `enforce_mid_stream`: released bodies the client may not have been
+    /// written yet, with the `released` offset each ends at.
+    pub unwritten: VecDeque<(u64, Bytes)>,
     /// A short code for the failure, for the usage row.
     pub failure: Option<&'static str>,
 }
@@ -138,6 +144,8 @@ impl Ctx {
             stream_error_sent: false,
             cut_tail: None,
             cut_mid_stream: false,
+            released: 0,
+            unwritten: VecDeque::new(),
             failure: None,
         }
     }

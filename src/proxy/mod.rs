@@ -1103,16 +1103,17 @@ impl ProxyHttp for Gateway {
 
     fn response_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<Option<Duration>> {
         let strip = ctx.prepared.as_ref().is_some_and(|p| p.strip_usage_chunk);
-        let mut cut = false;
+        let (mut cut, mut capped) = (false, false);
         match &mut ctx.response {
             ResponseAccounting::Stream(acc) => {
-                if strip || acc.is_capped() {
+                capped = acc.is_capped();
+                if strip || capped {
                     let mut out = Vec::new();
                     if let Some(chunk) = body.as_ref() {
                         acc.observe_capped(chunk, &mut out, strip);
@@ -1138,10 +1139,34 @@ impl ProxyHttp for Gateway {
             }
             ResponseAccounting::None => {}
         }
+        if capped {
+            // Pingora filters a batch of upstream chunks before writing any, and
+            // an error drops the whole batch: keep what was released but not yet
+            // written, so a cut can still deliver every event it accounted for.
+            let sent = session.as_downstream().body_bytes_sent() as u64;
+            let pending = &mut ctx.unwritten;
+            while pending.front().is_some_and(|(end, _)| *end <= sent) {
+                pending.pop_front();
+            }
+            let out = body.take().unwrap_or_default();
+            if cut {
+                let mut tail = bytes::BytesMut::new();
+                for (end, b) in pending.drain(..) {
+                    let start = end - b.len() as u64;
+                    let skip = usize::try_from(sent.saturating_sub(start)).unwrap_or(usize::MAX);
+                    tail.extend_from_slice(b.get(skip..).unwrap_or_default());
+                }
+                tail.extend_from_slice(&out);
+                ctx.cut_tail = Some(tail.freeze());
+            } else if !out.is_empty() {
+                ctx.released += out.len() as u64;
+                pending.push_back((ctx.released, out.clone()));
+            }
+            *body = Some(out);
+        }
         if cut {
             // The allowance is reached: what still fit goes out with the in-band
             // error from fail_to_proxy, and the error drops the upstream.
-            ctx.cut_tail = body.take();
             ctx.cut_mid_stream = true;
             return Err(Error::explain(
                 ErrorType::Custom("mid_stream_limit"),
