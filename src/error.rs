@@ -22,6 +22,10 @@ pub enum ProxyError {
     RateLimited(Refusal),
     /// 400: the request's reservation alone exceeds a limit: retrying cannot help.
     ExceedsLimit(Refusal),
+    /// In-band, after a 200 (the status only labels the usage row's error): the
+    /// stream was ended before its completion passed a token or spend limit
+    /// (`enforce_mid_stream`).
+    LimitReachedMidStream(Refusal),
     /// 503: Redis cannot decide the limits and `redis.on_failure` is `deny`.
     RateLimiterUnavailable,
     /// 413: the body is larger than `max_body_bytes`.
@@ -83,7 +87,7 @@ impl ProxyError {
         match self {
             ProxyError::Auth(_) => 401,
             ProxyError::KeyStoreUnavailable => 503,
-            ProxyError::RateLimited(_) => 429,
+            ProxyError::RateLimited(_) | ProxyError::LimitReachedMidStream(_) => 429,
             ProxyError::ExceedsLimit(_) => 400,
             ProxyError::RateLimiterUnavailable | ProxyError::StoreUnavailable => 503,
             ProxyError::PayloadTooLarge(_) => 413,
@@ -104,11 +108,13 @@ impl ProxyError {
     /// OpenAI's `error.type`.
     pub fn error_type(&self) -> &'static str {
         match self {
-            ProxyError::RateLimited(r) => match r.hit.meter() {
-                Meter::Requests => "requests",
-                Meter::Tokens => "tokens",
-                Meter::Spend => "spend",
-            },
+            ProxyError::RateLimited(r) | ProxyError::LimitReachedMidStream(r) => {
+                match r.hit.meter() {
+                    Meter::Requests => "requests",
+                    Meter::Tokens => "tokens",
+                    Meter::Spend => "spend",
+                }
+            }
             ProxyError::KeyStoreUnavailable
             | ProxyError::RateLimiterUnavailable
             | ProxyError::StoreUnavailable
@@ -127,7 +133,9 @@ impl ProxyError {
             ProxyError::Auth(AuthError::Expired) => "expired_api_key",
             ProxyError::Auth(_) => "invalid_api_key",
             ProxyError::KeyStoreUnavailable => "key_store_unavailable",
-            ProxyError::RateLimited(_) => "rate_limit_exceeded",
+            ProxyError::RateLimited(_) | ProxyError::LimitReachedMidStream(_) => {
+                "rate_limit_exceeded"
+            }
             ProxyError::ExceedsLimit(_) => "request_exceeds_limit",
             ProxyError::RateLimiterUnavailable => "rate_limiter_unavailable",
             ProxyError::PayloadTooLarge(_) => "request_too_large",
@@ -175,6 +183,12 @@ impl ProxyError {
                 amount(r, r.value),
                 amount(r, r.used),
                 amount(r, r.requested),
+                crate::limits::format_reset(r.reset),
+            ),
+            ProxyError::LimitReachedMidStream(r) => format!(
+                "Rate limit reached for {}: limit {}. The response was ended here, before it passed the limit; the limit resets in {}.",
+                r.hit.name(),
+                amount(r, r.value),
                 crate::limits::format_reset(r.reset),
             ),
             ProxyError::ExceedsLimit(r) => format!(
@@ -323,6 +337,39 @@ mod tests {
             reset: Duration::from_secs(1),
         });
         assert!(cc.message().contains("max_concurrent: limit 2"));
+    }
+
+    #[test]
+    fn a_mid_stream_cut_speaks_the_429_vocabulary() {
+        use crate::limits::policy::Limit;
+        let r = Refusal {
+            hit: Hit::Limit(Limit::TokensPerMinute),
+            value: 300,
+            used: 0,
+            requested: 0,
+            reset: std::time::Duration::from_secs(42),
+        };
+        let e = ProxyError::LimitReachedMidStream(r);
+        let ev = e.sse_event();
+        let v: serde_json::Value = serde_json::from_slice(&ev[6..ev.len() - 2]).unwrap();
+        assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+        assert_eq!(v["error"]["type"], "tokens");
+        let m = v["error"]["message"].as_str().unwrap();
+        assert!(m.contains("tokens_per_minute: limit 300"), "{m}");
+        assert!(m.contains("resets in 42s"), "{m}");
+        let spend = ProxyError::LimitReachedMidStream(Refusal {
+            hit: Hit::Limit(Limit::SpendPerDay),
+            value: 1_500_000,
+            ..r
+        });
+        assert_eq!(spend.error_type(), "spend");
+        assert!(
+            spend
+                .message()
+                .contains("spend_usd_per_day: limit 0.0015 USD"),
+            "{}",
+            spend.message()
+        );
     }
 
     #[test]

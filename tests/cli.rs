@@ -111,21 +111,11 @@ tiers:
             assert!(err.contains(path), "{cmd}: missing {path} in:\n{err}");
         }
     }
-    // A valid config that uses a limit this version does not enforce is refused too.
-    let unenforced = dir.path().join("unenforced.yaml");
-    std::fs::write(
-        &unenforced,
-        "providers:\n  - name: p\n    base_url: http://127.0.0.1:1/v1\n    models: [{ name: m }]\ntiers:\n  t: { requests_per_minute: 1, spend_usd_per_day: 5, enforce_mid_stream: true }\n",
-    )
-    .unwrap();
-    let o = ai4free(&["check-config"], &unenforced);
-    assert!(!o.status.success());
-    assert!(stderr(&o).contains("tiers.t.enforce_mid_stream: not enforced"));
-    // Token, spend and concurrency limits are enforced, so accepted.
+    // Token, spend and concurrency limits and enforce_mid_stream are enforced, so accepted.
     let enforced = dir.path().join("enforced.yaml");
     std::fs::write(
         &enforced,
-        "providers:\n  - name: p\n    base_url: http://127.0.0.1:1/v1\n    models: [{ name: m }]\ntiers:\n  t: { requests_per_minute: 1, tokens_per_day: 10, spend_usd_per_day: 5, spend_usd_per_month: 50, max_concurrent: 2, default_max_tokens: 64 }\n",
+        "providers:\n  - name: p\n    base_url: http://127.0.0.1:1/v1\n    models: [{ name: m }]\ntiers:\n  t: { requests_per_minute: 1, tokens_per_day: 10, spend_usd_per_day: 5, spend_usd_per_month: 50, max_concurrent: 2, default_max_tokens: 64, enforce_mid_stream: true }\n",
     )
     .unwrap();
     let o = ai4free(&["check-config"], &enforced);

@@ -17,6 +17,7 @@ use ai4free::limits::policy::{Hit, Span};
 use ai4free::limits::redis::RedisLimiter;
 use ai4free::limits::{Amounts, Limit, LocalLimiter, Outcome, Policy};
 use ai4free::tokens::count::{count_chat_prompt, Tokenizer};
+use ai4free::usage::TokenSource;
 use common::gateway::{rt, Options, TestGateway};
 use common::http::{self, RawResponse};
 use common::redis::{away_from_window_edge, RedisServer};
@@ -216,12 +217,16 @@ fn a_dead_nodes_leases_expire_within_the_ttl_and_live_ones_are_renewed() {
 // === through a gateway ===
 
 fn key_with_limits(gw: &TestGateway, limits: KeyLimits) -> (String, String) {
+    key_in_tier(gw, "pro", limits)
+}
+
+fn key_in_tier(gw: &TestGateway, tier: &str, limits: KeyLimits) -> (String, String) {
     let k = keys::generate().unwrap();
     let rec = KeyRecord {
         limits,
         ..KeyRecord::new(
             k.id.clone(),
-            "pro".into(),
+            tier.into(),
             k.secret_hash,
             ai4free::usage::now_ms(),
         )
@@ -231,7 +236,12 @@ fn key_with_limits(gw: &TestGateway, limits: KeyLimits) -> (String, String) {
 }
 
 fn gateway(with_redis: bool) -> TestGateway {
+    gateway_with_tiers(with_redis, &[])
+}
+
+fn gateway_with_tiers(with_redis: bool, tiers: &[&str]) -> TestGateway {
     TestGateway::with(Options {
+        extra_tiers: tiers.iter().map(|t| t.to_string()).collect(),
         extra_yaml: if with_redis {
             "redis: { url: \"redis://127.0.0.1:6379\", timeout_ms: 2000, on_failure: deny }\n"
                 .into()
@@ -332,6 +342,21 @@ fn every_header_is_present_and_right_on_allowed_and_refused_responses() {
         assert_eq!(r.status, 400, "{}", r.text());
         assert_eq!(r.json()["error"]["code"], "request_exceeds_limit");
         assert!(r.header("retry-after").is_none());
+        // It reserved nothing but still reports the limits as they stand.
+        assert_eq!(r.header("x-ratelimit-limit-tokens").as_deref(), Some("200"));
+        assert_eq!(
+            r.header("x-ratelimit-remaining-tokens"),
+            Some((200 - used * (p + 40)).to_string()),
+            "{with_redis}"
+        );
+        assert_eq!(
+            r.header("x-ratelimit-limit-requests").as_deref(),
+            Some("10")
+        );
+        assert_eq!(
+            r.header("x-ratelimit-remaining-requests"),
+            Some((10 - used).to_string())
+        );
         assert_eq!(gw.mock.request_count(), used as usize);
     }
 }
@@ -524,5 +549,252 @@ fn concurrency_slots_are_held_while_streaming_and_freed_after() {
         eventually(Duration::from_secs(3), "slot freed", || {
             rt().block_on(http::send(gw.addr, &req)).unwrap().status == 200
         });
+    }
+}
+
+// === cut streams ===
+
+fn sse_events(body: &[u8]) -> Vec<String> {
+    http::sse_data(body)
+}
+
+fn delivered_text(events: &[String]) -> String {
+    events
+        .iter()
+        .filter(|d| *d != "[DONE]")
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+/// The key's settled `tokens_per_minute` count, read from the headers of a probe
+/// whose reservation can never fit (a 400 that counts nothing), so it works for
+/// the local limiter and Redis alike.
+fn settled_tokens(gw: &TestGateway, key: &str, limit: u64) -> u64 {
+    let mut probe = chat("probe");
+    probe["max_tokens"] = json!(limit + 1);
+    let r = post(gw, key, &probe, &[]);
+    assert_eq!(r.status, 400, "{}", r.text());
+    let remaining: u64 = r
+        .header("x-ratelimit-remaining-tokens")
+        .unwrap()
+        .parse()
+        .unwrap();
+    limit - remaining
+}
+
+/// Waits until the settled count is `want` (Redis settles off the request path).
+fn settles_to(gw: &TestGateway, key: &str, limit: u64, want: u64, what: &str) {
+    let mut last = 0;
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(5) {
+        last = settled_tokens(gw, key, limit);
+        if last == want {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what}: settled {last}, want {want}");
+}
+
+/// The proxied call's usage row of key `id` (probes' 400 rows are skipped).
+fn row_of(gw: &TestGateway, id: &str) -> ai4free::usage::UsageRecord {
+    let t = Instant::now();
+    loop {
+        let found = gw
+            .usage_rows()
+            .into_iter()
+            .find(|r| r.key_id == id && r.status != 400);
+        if let Some(r) = found {
+            return r;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "no row for {id}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// The most tokens one of the mock's first `n` completion pieces counts.
+fn largest_piece(n: usize) -> u64 {
+    (0..n)
+        .map(|i| {
+            let (a, b) = (
+                ai4free::mock::completion_text(i),
+                ai4free::mock::completion_text(i + 1),
+            );
+            Tokenizer::O200kBase.count(&b[a.len()..])
+        })
+        .max()
+        .unwrap()
+}
+
+#[test]
+fn enforce_mid_stream_ends_the_stream_at_the_allowance_and_bills_what_was_delivered() {
+    const ALLOWANCE: u64 = 60;
+    for with_redis in [false, true] {
+        let mut body = chat("Tell me a long story");
+        body["stream"] = json!(true);
+        let p = prompt_tokens(&body);
+        // The request reserves p + 5 (default_max_tokens); the window leaves it
+        // p + ALLOWANCE, so the completion may take ALLOWANCE tokens.
+        let limit = p + ALLOWANCE;
+        let tiers = [
+            format!("cut: {{ tokens_per_minute: {limit}, default_max_tokens: 5, enforce_mid_stream: true }}"),
+            format!("overrun: {{ tokens_per_minute: {limit}, default_max_tokens: 5 }}"),
+        ];
+        let tiers: Vec<&str> = tiers.iter().map(String::as_str).collect();
+        let gw = gateway_with_tiers(with_redis, &tiers);
+        away_from_window_edge(60_000, 15_000);
+        let headers = [
+            ("x-mock-words", "200"),
+            ("x-mock-prompt-tokens", &*p.to_string()),
+        ]
+        .map(|(k, v)| (k, v.to_owned()));
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+
+        // With enforce_mid_stream: the stream stops before it passes the limit.
+        let (id, key) = key_in_tier(&gw, "cut", KeyLimits::default());
+        let r = post(&gw, &key, &body, &headers);
+        assert_eq!(r.status, 200, "{}", r.text());
+        let events = sse_events(&r.body);
+        let text = r.text();
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{text}");
+        let err: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+        assert_eq!(err["error"]["code"], "rate_limit_exceeded", "{text}");
+        assert_eq!(err["error"]["type"], "tokens");
+        let m = err["error"]["message"].as_str().unwrap();
+        assert!(
+            m.contains(&format!("tokens_per_minute: limit {limit}")),
+            "{m}"
+        );
+        assert!(
+            !text.contains("finish_reason\":\"stop"),
+            "a cut stream must not look finished"
+        );
+        assert_eq!(events.iter().filter(|e| e.contains("\"error\"")).count(), 1);
+        let delivered = delivered_text(&events);
+        let counted = Tokenizer::O200kBase.count(&delivered);
+        // The cut rule: the running sum of each delta's own count stays within
+        // the allowance, and the next piece would have passed it. The exact
+        // count of the whole text is at most that sum (merges across deltas).
+        let running: u64 = events
+            .iter()
+            .map(|e| Tokenizer::O200kBase.count(&delivered_text(std::slice::from_ref(e))))
+            .sum();
+        assert!(running <= ALLOWANCE, "{running} delivered ({with_redis})");
+        assert!(
+            running + largest_piece(200) > ALLOWANCE,
+            "stopped early: {running} of {ALLOWANCE} ({with_redis})"
+        );
+        assert!(counted <= running && counted > 0);
+        let row = row_of(&gw, &id);
+        assert_eq!(row.token_source, TokenSource::Partial);
+        assert_eq!(row.error.as_deref(), Some("rate_limit_exceeded"));
+        assert_eq!((row.prompt_tokens, row.completion_tokens), (p, counted));
+        // The window settles to what was delivered, not to the 200 pieces.
+        settles_to(&gw, &key, limit, p + counted, "cut stream");
+
+        // Without it: the stream runs to its end, over the limit, and the key
+        // is refused afterwards.
+        let (id, key) = key_in_tier(&gw, "overrun", KeyLimits::default());
+        let r = post(&gw, &key, &body, &headers);
+        assert_eq!(r.status, 200);
+        let events = sse_events(&r.body);
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+        assert!(r.text().contains("finish_reason\":\"stop"));
+        assert!(!r.text().contains("\"error\""));
+        assert_eq!(delivered_text(&events), ai4free::mock::completion_text(200));
+        let row = row_of(&gw, &id);
+        assert_eq!(row.token_source, TokenSource::Provider);
+        assert_eq!(row.completion_tokens, 200);
+        // Headers report no room left (remaining never goes below 0); Redis
+        // holds the exact top-up.
+        settles_to(&gw, &key, limit, limit, "overrun");
+        if with_redis {
+            let tk = format!("a4f:{{{id}}}:tk:1m");
+            eventually(Duration::from_secs(5), "overrun settled", || {
+                redis_n_shared(&tk).1 == p + 200
+            });
+        }
+        let r = post(&gw, &key, &body, &headers);
+        assert_eq!(r.status, 429, "{with_redis}: {}", r.text());
+        assert!(r.text().contains("tokens_per_minute"));
+    }
+}
+
+#[test]
+fn cut_streams_settle_to_what_was_delivered() {
+    const LIMIT: u64 = 100_000;
+    for with_redis in [false, true] {
+        let gw = gateway(with_redis);
+        away_from_window_edge(60_000, 15_000);
+        let mut body = chat("Stream and be cut");
+        body["stream"] = json!(true);
+        let limits = KeyLimits {
+            tokens_per_minute: Some(LIMIT),
+            default_max_tokens: Some(500),
+            ..KeyLimits::default()
+        };
+
+        // A client that reads 3 chunks and hangs up pays for what was delivered.
+        let (id, key) = key_with_limits(&gw, limits.clone());
+        let req = http::request(
+            "POST",
+            "/v1/chat/completions",
+            &[
+                ("authorization", &format!("Bearer {key}")),
+                ("content-type", "application/json"),
+                ("x-mock-chunk-delay-ms", "50"),
+                ("x-mock-words", "100"),
+            ],
+            &serde_json::to_vec(&body).unwrap(),
+        );
+        rt().block_on(async {
+            let mut s = http::stream(gw.addr, &req).await.unwrap();
+            assert_eq!(s.status, 200);
+            for _ in 0..3 {
+                s.next_chunk().await.unwrap().unwrap();
+            }
+        });
+        let row = row_of(&gw, &id);
+        assert_eq!(row.token_source, TokenSource::Partial, "{with_redis}");
+        assert!(row.completion_tokens > 0 && row.completion_tokens < 100);
+        assert_eq!(row.prompt_tokens, prompt_tokens(&body));
+        settles_to(
+            &gw,
+            &key,
+            LIMIT,
+            row.prompt_tokens + row.completion_tokens,
+            "client disconnect",
+        );
+
+        // An upstream reset after 5 events: in-band error, partial row, settled
+        // to the row.
+        let (id, key) = key_with_limits(&gw, limits.clone());
+        let r = post(&gw, &key, &body, &[("x-mock-reset-after", "5")]);
+        assert_eq!(r.status, 200);
+        assert!(r.text().contains("\"error\""), "{}", r.text());
+        let row = row_of(&gw, &id);
+        assert_eq!(row.token_source, TokenSource::Partial);
+        let delivered = Tokenizer::O200kBase.count(&delivered_text(&sse_events(&r.body)));
+        assert_eq!(row.completion_tokens, delivered);
+        assert!(delivered > 0);
+        settles_to(
+            &gw,
+            &key,
+            LIMIT,
+            row.prompt_tokens + row.completion_tokens,
+            "upstream reset",
+        );
+
+        // The provider fails before any output: every reserved token is refunded.
+        let (id, key) = key_with_limits(&gw, limits);
+        let r = post(&gw, &key, &body, &[("x-mock-status", "500")]);
+        assert_eq!(r.status, 500);
+        assert_eq!(row_of(&gw, &id).completion_tokens, 0);
+        settles_to(&gw, &key, LIMIT, 0, "failed before output");
     }
 }

@@ -306,8 +306,9 @@ pub struct Tier {
     pub spend_usd_per_day: Option<UsdAmount>,
     /// `spend_usd_per_month`.
     pub spend_usd_per_month: Option<UsdAmount>,
-    /// `enforce_mid_stream` (default false): cut a stream off once a limit is
-    /// crossed instead of letting the in-flight response finish.
+    /// `enforce_mid_stream` (default false): end a stream, with an in-band error
+    /// event, before its completion passes a token or spend limit instead of
+    /// letting it finish over the limit. Tier-only: keys have no override for it.
     pub enforce_mid_stream: bool,
 }
 
@@ -507,17 +508,10 @@ impl Config {
     /// Limits the config contract accepts but this build does not enforce yet, one
     /// error per use with its path. `serve` and `check-config` refuse a config that
     /// has any: an operator must never believe a budget is enforced when it is not.
-    /// Every counted limit, `max_concurrent` and `default_max_tokens` are enforced;
-    /// `enforce_mid_stream` (cutting a stream at a hard limit) is not yet.
+    /// Every limit is enforced now (`enforce_mid_stream` included), so this is
+    /// empty; it stays the one place a future limit lands before it is enforced.
     pub fn unenforced_limits(&self) -> Vec<ConfigError> {
-        self.tiers
-            .iter()
-            .filter(|(_, t)| t.enforce_mid_stream)
-            .map(|(name, _)| ConfigError {
-                path: format!("tiers.{name}.enforce_mid_stream"),
-                message: "not enforced by this version yet (streams are settled after they end, within the documented bound); remove it".into(),
-            })
-            .collect()
+        Vec::new()
     }
 
     /// Parses and validates a YAML document, reporting every error found.

@@ -56,7 +56,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use local::LocalLimiter;
-pub use policy::{Amounts, Limit, Outcome, Policy, Verdict};
+pub use policy::{Amounts, Limit, Outcome, Policy, StreamAllowance, Verdict};
 
 use policy::{judge, settle_delta, ConcurrencyState, LimitStates, LIMITS};
 
@@ -480,6 +480,29 @@ impl Limiter {
             }
             Limiter::Redis(r) => r.admit(key_id, policy, amounts, member).await,
         }
+    }
+
+    /// The header values of `key_id`'s limits, counting nothing: for a request
+    /// refused before admission (its reservation alone exceeds a limit), whose
+    /// 400 still carries `x-ratelimit-*`. With Redis this is one script call
+    /// reserving zero in every window (no concurrency slot); `None` when Redis
+    /// cannot answer and `on_failure: deny`.
+    pub async fn peek(&self, key_id: &str, policy: &Policy) -> Option<Verdict> {
+        let policy = Policy {
+            max_concurrent: None,
+            ..*policy
+        };
+        let nothing = Amounts::default();
+        let a = match self {
+            Limiter::Local { counters, clock } => {
+                let states = counters.peek_all(key_id, &policy, &nothing, clock.now_ms());
+                return Some(judge(&states, None));
+            }
+            // A zero reservation leaves every count as it was, and its ticket
+            // (no lease) settles nothing when dropped.
+            Limiter::Redis(r) => r.admit(key_id, &policy, &nothing, "").await,
+        };
+        (a.verdict.outcome != Outcome::Unavailable).then_some(a.verdict)
     }
 
     /// Adjusts a reservation to what the request used (`actual`), and releases

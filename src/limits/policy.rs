@@ -411,6 +411,60 @@ pub fn reservation(
     )
 }
 
+/// How far one admitted stream may go before it crosses a token or spend limit
+/// (`enforce_mid_stream`): the completion tokens left, after the prompt, in the
+/// tightest token or spend window, as counted at admission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamAllowance {
+    /// Completion tokens the stream may deliver.
+    pub completion_tokens: u64,
+    /// The limit that binds (what the in-band error names).
+    pub limit: Limit,
+    /// Its value (tokens, or nano-USD for spend).
+    pub value: u64,
+    /// Time until its window resets, at admission.
+    pub reset: Duration,
+}
+
+/// The [`StreamAllowance`] of an admitted request whose states are `states`
+/// (`used` includes this request's reservation, `cost`): the room a window had
+/// for this request is `value − (used − cost)`; the prompt takes its share first
+/// (its tokens, or its cost at `input_micros_per_mtok`), and spend room converts to
+/// completion tokens at `output_micros_per_mtok`, rounded down. `None` when no
+/// token or spend limit is set (or every spend limit is on free output).
+pub fn stream_allowance(
+    states: &LimitStates,
+    prompt_tokens: u64,
+    input_micros_per_mtok: u64,
+    output_micros_per_mtok: u64,
+) -> Option<StreamAllowance> {
+    // micro-USD per million tokens = pico-USD per token.
+    let prompt_nusd = nusd_ceil(u128::from(prompt_tokens) * u128::from(input_micros_per_mtok));
+    states
+        .iter()
+        .flatten()
+        .filter_map(|s| {
+            let room = s.value.saturating_sub(s.used.saturating_sub(s.cost));
+            let completion_tokens = match s.limit.meter() {
+                Meter::Requests => return None,
+                Meter::Tokens => room.saturating_sub(prompt_tokens),
+                Meter::Spend if output_micros_per_mtok == 0 => return None,
+                Meter::Spend => {
+                    let pusd = u128::from(room.saturating_sub(prompt_nusd)) * 1_000;
+                    u64::try_from(pusd / u128::from(output_micros_per_mtok)).unwrap_or(u64::MAX)
+                }
+            };
+            Some(StreamAllowance {
+                completion_tokens,
+                limit: s.limit,
+                value: s.value,
+                reset: s.reset,
+            })
+        })
+        // Ties: the lowest index (tokens before spend, shorter windows first).
+        .min_by_key(|a| a.completion_tokens)
+}
+
 /// The adjustment settlement makes to a window a reservation was counted in:
 /// `actual − reserved` (a refund when negative, a top-up when positive).
 pub fn settle_delta(reserved: u64, actual: u64) -> i64 {
@@ -744,6 +798,55 @@ mod tests {
         assert_eq!(nusd_ceil(1_000), 1);
         assert_eq!(nusd_ceil(1_001), 2);
         assert_eq!(nusd_ceil(0), 0);
+    }
+
+    #[test]
+    fn stream_allowance_is_the_tightest_room_after_the_prompt() {
+        let s = |limit, value, used, cost| LimitState {
+            limit,
+            value,
+            used,
+            cost,
+            start: 0,
+            reset: Duration::from_secs(limit as u64 + 1),
+            refused: false,
+        };
+        // Nothing but request windows: nothing to enforce mid-stream.
+        let only_rq = states(&[s(Limit::RequestsPerMinute, 10, 1, 1)]);
+        assert_eq!(stream_allowance(&only_rq, 10, 1, 1), None);
+        // tokens_per_minute 1,000 with 700 used by others and 150 reserved here
+        // (prompt 100 + 50): the request may use 300, the completion 200. The day
+        // window (10,000, 9,000 + 150 used) leaves 1,000 − 100 = 900.
+        let st = states(&[
+            s(Limit::TokensPerMinute, 1_000, 850, 150),
+            s(Limit::TokensPerDay, 10_000, 9_150, 150),
+        ]);
+        let a = stream_allowance(&st, 100, 0, 0).unwrap();
+        assert_eq!(
+            (a.limit, a.completion_tokens, a.value),
+            (Limit::TokensPerMinute, 200, 1_000)
+        );
+        assert_eq!(a.reset, Duration::from_secs(5));
+        // Spend: 100,000 nano-USD of room; the prompt (100 tokens at 0.15 USD/Mtok
+        // = 15,000 nano-USD) leaves 85,000, i.e. 141 tokens at 0.60 USD/Mtok
+        // (600 nano-USD each, rounded down). Tighter than the tokens' 200.
+        let st = states(&[
+            s(Limit::TokensPerMinute, 1_000, 850, 150),
+            s(Limit::SpendPerDay, 150_000, 95_000, 45_000),
+        ]);
+        let a = stream_allowance(&st, 100, 150_000, 600_000).unwrap();
+        assert_eq!((a.limit, a.completion_tokens), (Limit::SpendPerDay, 141));
+        // Free output: a spend limit cannot bind on the completion.
+        assert_eq!(
+            stream_allowance(&st, 100, 150_000, 0).unwrap().limit,
+            Limit::TokensPerMinute
+        );
+        // A window already over (top-ups) leaves nothing, never wraps.
+        let over = states(&[s(Limit::TokensPerDay, 100, 500, 10)]);
+        assert_eq!(
+            stream_allowance(&over, 5, 0, 0).unwrap().completion_tokens,
+            0
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! It holds what the phases learn (key, route, limits) and the response-side
 //! accounting buffers. It is created empty by `new_ctx` and dropped after `logging`.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -11,7 +12,7 @@ use bytes::Bytes;
 use super::request::{Endpoint, RequestHead};
 use crate::error::ProxyError;
 use crate::keys::cache::KeyEntry;
-use crate::limits::{Ticket, Verdict};
+use crate::limits::{StreamAllowance, Ticket, Verdict};
 use crate::tokens::usage::StreamAccounting;
 
 /// What `request_filter` established about a proxied call; handed to a subrequest
@@ -40,10 +41,24 @@ pub struct Prepared {
     pub ratelimit_degraded: bool,
     /// Whether the gateway asked for the usage chunk the client did not ask for.
     pub strip_usage_chunk: bool,
+    /// The prompt's count made for admission, reused by `logging` when the
+    /// provider reports no usage (`None` when no token or spend limit needed it).
+    pub prompt_tokens: Option<u64>,
+    /// `enforce_mid_stream` on a streamed call: where the stream must stop.
+    pub mid_stream: Option<MidStream>,
     /// Arrival time.
     pub started: Instant,
     /// Arrival time, Unix ms.
     pub started_at_ms: i64,
+}
+
+/// Where an `enforce_mid_stream` stream stops, fixed at admission.
+#[derive(Debug, Clone, Copy)]
+pub struct MidStream {
+    /// The completion tokens left in the tightest token or spend window.
+    pub allowance: StreamAllowance,
+    /// When that window resets (for the in-band error's message).
+    pub resets_at: Instant,
 }
 
 /// How the response body is being accounted.
@@ -93,6 +108,16 @@ pub struct Ctx {
     pub response_complete: bool,
     /// An in-band error event was sent on a broken stream.
     pub stream_error_sent: bool,
+    /// `enforce_mid_stream` reached the allowance: the events of the last chunk
+    /// that still fit, which `fail_to_proxy` writes before the error event.
+    pub cut_tail: Option<Bytes>,
+    /// The stream was ended at the allowance (expected: no error log line).
+    pub cut_mid_stream: bool,
+    /// Under `enforce_mid_stream`: body bytes released so far.
+    pub released: u64,
+    /// Under `enforce_mid_stream`: released bodies the client may not have been
+    /// written yet, with the `released` offset each ends at.
+    pub unwritten: VecDeque<(u64, Bytes)>,
     /// A short code for the failure, for the usage row.
     pub failure: Option<&'static str>,
 }
@@ -117,6 +142,10 @@ impl Ctx {
             response: ResponseAccounting::None,
             response_complete: false,
             stream_error_sent: false,
+            cut_tail: None,
+            cut_mid_stream: false,
+            released: 0,
+            unwritten: VecDeque::new(),
             failure: None,
         }
     }

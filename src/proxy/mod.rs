@@ -40,14 +40,16 @@ use pingora::proxy::subrequest::{BodyMode, Ctx as SubrequestCtx};
 use pingora::proxy::{FailToProxy, ProxyHttp};
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
-pub use ctx::{Ctx, Prepared, ResponseAccounting};
+pub use ctx::{Ctx, MidStream, Prepared, ResponseAccounting};
 use request::{Endpoint, Route};
 
 use crate::admin::report::{report_csv, report_json, Format};
 use crate::config::{Config, Model, Provider};
 use crate::error::ProxyError;
 use crate::keys::cache::{AuthError, KeyCache, KeyEntry};
-use crate::limits::policy::{expected_completion, nusd_ceil, reservation};
+use crate::limits::policy::{
+    expected_completion, nusd_ceil, reservation, stream_allowance, Hit, Refusal,
+};
 use crate::limits::{self, Amounts, Limiter, Outcome, Policy, Ticket, Verdict};
 use crate::metrics;
 use crate::store::Store;
@@ -412,6 +414,8 @@ impl Gateway {
             provider: pi,
             model: mi,
             strip_usage_chunk: force_usage && !head.include_usage,
+            prompt_tokens: None,
+            mid_stream: None,
             head,
             client_body: body,
             upstream_body,
@@ -423,10 +427,11 @@ impl Gateway {
     }
 
     /// What admission reserves for a prepared call: one request, the prompt's exact
-    /// count plus the expected completion, and their cost at the model's prices.
-    async fn reservation(&self, p: &Prepared, policy: &Policy) -> Amounts {
+    /// count plus the expected completion, and their cost at the model's prices;
+    /// and that prompt count (`None` for an unknown model).
+    async fn reservation(&self, p: &Prepared, policy: &Policy) -> (Amounts, Option<u64>) {
         let Some((_, model)) = self.model_of(p) else {
-            return Amounts::REQUEST;
+            return (Amounts::REQUEST, None);
         };
         let (tok, ep) = (model.tokenizer, p.endpoint);
         let prompt = if p.client_body.len() > INLINE_COUNT_LIMIT {
@@ -445,12 +450,38 @@ impl Gateway {
                 policy.default_max_tokens,
             ),
         };
-        reservation(
+        let amounts = reservation(
             prompt,
             completion,
             model.input_price.micros_per_mtok,
             model.output_price.micros_per_mtok,
-        )
+        );
+        (amounts, Some(prompt))
+    }
+
+    /// `enforce_mid_stream`: the allowance of an admitted streamed call, from
+    /// the states its admission left (none for non-streamed calls, embeddings,
+    /// or keys without a token or spend limit).
+    fn mid_stream(
+        &self,
+        p: &Prepared,
+        policy: &Policy,
+        states: &limits::policy::LimitStates,
+    ) -> Option<MidStream> {
+        if !policy.enforce_mid_stream || !p.head.stream || p.endpoint == Endpoint::Embeddings {
+            return None;
+        }
+        let (_, model) = self.model_of(p)?;
+        let allowance = stream_allowance(
+            states,
+            p.prompt_tokens?,
+            model.input_price.micros_per_mtok,
+            model.output_price.micros_per_mtok,
+        )?;
+        Some(MidStream {
+            allowance,
+            resets_at: std::time::Instant::now() + allowance.reset,
+        })
     }
 
     fn models_body(&self, ctx: &Ctx) -> Bytes {
@@ -556,6 +587,49 @@ impl Gateway {
         }
     }
 
+    /// Ends a stream cut by `enforce_mid_stream`: the events that still fit, one
+    /// error event in the 429's vocabulary, `[DONE]`, and the end of the body.
+    async fn end_cut_stream(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        tail: Bytes,
+    ) -> FailToProxy {
+        let refusal = ctx
+            .prepared
+            .as_ref()
+            .and_then(|p| p.mid_stream)
+            .map(|ms| Refusal {
+                hit: Hit::Limit(ms.allowance.limit),
+                value: ms.allowance.value,
+                used: 0,
+                requested: 0,
+                reset: ms
+                    .resets_at
+                    .saturating_duration_since(std::time::Instant::now()),
+            });
+        let err = refusal.map_or(ProxyError::Internal, ProxyError::LimitReachedMidStream);
+        if let ProxyError::LimitReachedMidStream(r) = &err {
+            metrics::RATE_LIMITED
+                .with_label_values(&[r.hit.name()])
+                .inc();
+        }
+        ctx.failure = Some(err.code());
+        ctx.stream_error_sent = true;
+        let event = err.sse_event();
+        let mut out = bytes::BytesMut::with_capacity(tail.len() + event.len() + 14);
+        out.extend_from_slice(&tail);
+        out.extend_from_slice(&event);
+        out.extend_from_slice(b"data: [DONE]\n\n");
+        if let Err(we) = session.write_response_body(Some(out.freeze()), true).await {
+            log::debug!("could not end a cut stream: {we}");
+        }
+        FailToProxy {
+            error_code: 200,
+            can_reuse_downstream: false,
+        }
+    }
+
     fn build_usage(&self, ctx: &mut Ctx, status: u16) -> Option<(UsageRecord, Option<CountJob>)> {
         let key = ctx.key.as_ref()?;
         let endpoint = ctx.endpoint?;
@@ -620,7 +694,7 @@ impl Gateway {
                             TokenSource::Counted
                         };
                         row.completion_tokens = acc.counted_completion_tokens(tok);
-                        Some(CountJob::Prompt(tok, p.endpoint, p.client_body.clone()))
+                        CountJob::new(p, tok, None, &mut row)
                     }
                 }
             }
@@ -636,12 +710,7 @@ impl Gateway {
                     } else {
                         TokenSource::Partial
                     };
-                    Some(CountJob::PromptAndResponse(
-                        tok,
-                        p.endpoint,
-                        p.client_body.clone(),
-                        Bytes::from(buf),
-                    ))
+                    CountJob::new(p, tok, Some(Bytes::from(buf)), &mut row)
                 }
             },
             ResponseAccounting::None => None,
@@ -665,38 +734,56 @@ fn price_row(model: &Model, row: &mut UsageRecord) {
     );
 }
 
-/// Counting work deferred to `logging` (it may be large; it never runs in a body filter).
-enum CountJob {
-    Prompt(Tokenizer, Endpoint, Bytes),
-    PromptAndResponse(Tokenizer, Endpoint, Bytes, Bytes),
+/// Counting work deferred to `logging` (it may be large; it never runs in a body
+/// filter): the prompt unless admission already counted it, and a non-streamed
+/// response body without usage.
+struct CountJob {
+    tok: Tokenizer,
+    ep: Endpoint,
+    prompt: Option<Bytes>,
+    response: Option<Bytes>,
 }
 
 impl CountJob {
-    fn run(self) -> (u64, Option<u64>) {
-        use crate::tokens::count;
-        let prompt = count_prompt;
-        match self {
-            CountJob::Prompt(tok, ep, body) => (prompt(tok, ep, &body), None),
-            CountJob::PromptAndResponse(tok, ep, body, resp) => {
-                let completion = match ep {
-                    Endpoint::ChatCompletions => {
-                        count::count_chat_completion_response(tok, &resp).unwrap_or(0)
-                    }
-                    Endpoint::Completions => {
-                        count::count_text_completion_response(tok, &resp).unwrap_or(0)
-                    }
-                    Endpoint::Embeddings => 0,
-                };
-                (prompt(tok, ep, &body), Some(completion))
+    /// The job for `p`, or none when admission's prompt count (written to `row`
+    /// here) leaves nothing to count.
+    fn new(
+        p: &Prepared,
+        tok: Tokenizer,
+        response: Option<Bytes>,
+        row: &mut UsageRecord,
+    ) -> Option<CountJob> {
+        let prompt = match p.prompt_tokens {
+            Some(n) => {
+                row.prompt_tokens = n;
+                None
             }
-        }
+            None => Some(p.client_body.clone()),
+        };
+        (prompt.is_some() || response.is_some()).then_some(CountJob {
+            tok,
+            ep: p.endpoint,
+            prompt,
+            response,
+        })
+    }
+
+    /// (prompt, completion), each when it was to be counted.
+    fn run(self) -> (Option<u64>, Option<u64>) {
+        use crate::tokens::count;
+        let (tok, ep) = (self.tok, self.ep);
+        let completion = self.response.map(|resp| match ep {
+            Endpoint::ChatCompletions => {
+                count::count_chat_completion_response(tok, &resp).unwrap_or(0)
+            }
+            Endpoint::Completions => count::count_text_completion_response(tok, &resp).unwrap_or(0),
+            Endpoint::Embeddings => 0,
+        });
+        (self.prompt.map(|b| count_prompt(tok, ep, &b)), completion)
     }
 
     fn size(&self) -> usize {
-        match self {
-            CountJob::Prompt(_, _, b) => b.len(),
-            CountJob::PromptAndResponse(_, _, b, r) => b.len() + r.len(),
-        }
+        self.prompt.as_ref().map_or(0, Bytes::len) + self.response.as_ref().map_or(0, Bytes::len)
     }
 }
 
@@ -854,24 +941,31 @@ impl ProxyHttp for Gateway {
             Err(e) => return self.refuse(session, ctx, e).await,
         };
         if limited && policy.needs_body() {
-            let amounts = self.reservation(&prepared, &policy).await;
+            let (amounts, prompt) = self.reservation(&prepared, &policy).await;
+            prepared.prompt_tokens = prompt;
             let a = match policy.too_large(&amounts) {
-                Some(r) => limits::Admission {
-                    verdict: Verdict {
-                        outcome: Outcome::TooLarge(r),
-                        ..Verdict::NONE
-                    },
-                    ..limits::Admission::none(ctx.ratelimit_degraded)
-                },
+                Some(r) => {
+                    // Nothing is reserved, but the 400 still reports the limits.
+                    let now = self.limiter.peek(key_id_of(ctx), &policy).await;
+                    limits::Admission {
+                        verdict: Verdict {
+                            outcome: Outcome::TooLarge(r),
+                            ..now.unwrap_or(Verdict::NONE)
+                        },
+                        ..limits::Admission::none(ctx.ratelimit_degraded)
+                    }
+                }
                 None => {
                     self.limiter
                         .admit(key_id_of(ctx), &policy, &amounts, request_id_of(ctx))
                         .await
                 }
             };
+            let states = a.states;
             if let Err(e) = admitted(ctx, a) {
                 return self.refuse(session, ctx, e).await;
             }
+            prepared.mid_stream = self.mid_stream(&prepared, &policy, &states);
             prepared.verdict = ctx.verdict;
             prepared.ratelimit_degraded = ctx.ratelimit_degraded;
         }
@@ -971,8 +1065,20 @@ impl ProxyHttp for Gateway {
         if self.config.ablate.counting {
             ctx.response = ResponseAccounting::None;
         } else if is_sse {
-            ctx.response =
-                ResponseAccounting::Stream(Box::new(StreamAccounting::new(SSE_EVENT_LIMIT)));
+            let mut acc = StreamAccounting::new(SSE_EVENT_LIMIT);
+            let cap = ctx.prepared.as_ref().and_then(|p| {
+                let ms = p.mid_stream?;
+                Some((
+                    self.model_of(p)?.1.tokenizer,
+                    ms.allowance.completion_tokens,
+                ))
+            });
+            if let Some((tok, allowed)) = cap {
+                acc = acc.capped(tok, allowed);
+                // Events are forwarded whole and the stream may end early.
+                resp.remove_header("content-length");
+            }
+            ctx.response = ResponseAccounting::Stream(Box::new(acc));
             if strip {
                 // We drop the usage event the client did not ask for: the length changes.
                 resp.remove_header("content-length");
@@ -997,22 +1103,25 @@ impl ProxyHttp for Gateway {
 
     fn response_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<Option<Duration>> {
         let strip = ctx.prepared.as_ref().is_some_and(|p| p.strip_usage_chunk);
+        let (mut cut, mut capped) = (false, false);
         match &mut ctx.response {
             ResponseAccounting::Stream(acc) => {
-                if strip {
+                capped = acc.is_capped();
+                if strip || capped {
                     let mut out = Vec::new();
                     if let Some(chunk) = body.as_ref() {
-                        acc.observe_filtering(chunk, &mut out);
+                        acc.observe_capped(chunk, &mut out, strip);
                     }
                     if end_of_stream {
                         acc.finish(Some(&mut out));
                     }
+                    cut = acc.is_cut();
                     *body = Some(Bytes::from(out));
                 } else if let Some(chunk) = body.as_ref() {
                     acc.observe(chunk);
@@ -1030,13 +1139,55 @@ impl ProxyHttp for Gateway {
             }
             ResponseAccounting::None => {}
         }
+        if capped {
+            // Pingora filters a batch of upstream chunks before writing any, and
+            // an error drops the whole batch: keep what was released but not yet
+            // written, so a cut can still deliver every event it accounted for.
+            let sent = session.as_downstream().body_bytes_sent() as u64;
+            let pending = &mut ctx.unwritten;
+            while pending.front().is_some_and(|(end, _)| *end <= sent) {
+                pending.pop_front();
+            }
+            let out = body.take().unwrap_or_default();
+            if cut {
+                let mut tail = bytes::BytesMut::new();
+                for (end, b) in pending.drain(..) {
+                    let start = end - b.len() as u64;
+                    let skip = usize::try_from(sent.saturating_sub(start)).unwrap_or(usize::MAX);
+                    tail.extend_from_slice(b.get(skip..).unwrap_or_default());
+                }
+                tail.extend_from_slice(&out);
+                ctx.cut_tail = Some(tail.freeze());
+            } else if !out.is_empty() {
+                ctx.released += out.len() as u64;
+                pending.push_back((ctx.released, out.clone()));
+            }
+            *body = Some(out);
+        }
+        if cut {
+            // The allowance is reached: what still fit goes out with the in-band
+            // error from fail_to_proxy, and the error drops the upstream.
+            ctx.cut_mid_stream = true;
+            return Err(Error::explain(
+                ErrorType::Custom("mid_stream_limit"),
+                "stream ended at the key's token or spend limit",
+            ));
+        }
         if end_of_stream {
             ctx.response_complete = true;
         }
         Ok(None)
     }
 
+    fn suppress_error_log(&self, _session: &Session, ctx: &Ctx, _error: &Error) -> bool {
+        // An expected outcome of enforce_mid_stream, not a fault: no log line per request.
+        ctx.cut_mid_stream
+    }
+
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        if let Some(tail) = ctx.cut_tail.take() {
+            return self.end_cut_stream(session, ctx, tail).await;
+        }
         let client_gone = e.esource() == &ErrorSource::Downstream
             && matches!(
                 e.etype(),
@@ -1139,11 +1290,13 @@ impl ProxyHttp for Gateway {
             let (prompt, completion) = if job.size() > INLINE_COUNT_LIMIT {
                 tokio::task::spawn_blocking(move || job.run())
                     .await
-                    .unwrap_or((0, None))
+                    .unwrap_or((Some(0), None))
             } else {
                 job.run()
             };
-            row.prompt_tokens = prompt;
+            if let Some(p) = prompt {
+                row.prompt_tokens = p;
+            }
             if let Some(c) = completion {
                 row.completion_tokens = c;
             }

@@ -122,6 +122,28 @@ pub struct StreamAccounting {
     scanner: SseScanner,
     splitter: SseEventSplitter,
     tally: Tally,
+    cap: Option<Cap>,
+}
+
+/// A limit on the completion a stream may deliver, checked event by event
+/// (see [`StreamAccounting::capped`]).
+#[derive(Debug)]
+struct Cap {
+    tokenizer: Tokenizer,
+    allowed: u64,
+    /// Running sum of each forwarded event's own count.
+    delivered: u64,
+    cut: bool,
+}
+
+/// What an event may change in the tally, so an event held back at the cap
+/// leaves no trace.
+struct Mark {
+    text_len: usize,
+    usage: Option<Usage>,
+    saw_done: bool,
+    saw_finish_reason: bool,
+    saw_error: bool,
 }
 
 #[derive(Debug, Default)]
@@ -143,7 +165,53 @@ impl StreamAccounting {
             scanner: SseScanner::new(max_event_bytes),
             splitter: SseEventSplitter::new(max_event_bytes),
             tally: Tally::default(),
+            cap: None,
         }
+    }
+
+    /// Caps the completion this stream may deliver at `allowed_tokens`, for
+    /// `enforce_mid_stream`. Only the rewrite modes ([`StreamAccounting::observe_capped`],
+    /// [`StreamAccounting::observe_filtering`]) honour it: each complete event's
+    /// delta text is counted on its own as it passes (O(event), so O(chunk) per
+    /// chunk), and the first event that would take the running sum past the cap
+    /// is held back with everything after it ([`StreamAccounting::is_cut`]). The
+    /// running sum of per-event counts is an upper-bound-ish estimate of the
+    /// exact count of the delivered text (tokens rarely merge across deltas, and
+    /// a merge only lowers the exact count), so what was delivered stays within
+    /// the cap; the exact count is still [`StreamAccounting::counted_completion_tokens`].
+    /// Events larger than the scanner's bound pass uncounted, as they always do.
+    pub fn capped(mut self, tokenizer: Tokenizer, allowed_tokens: u64) -> Self {
+        self.cap = Some(Cap {
+            tokenizer,
+            allowed: allowed_tokens,
+            delivered: 0,
+            cut: false,
+        });
+        self
+    }
+
+    /// Whether a cap is set.
+    pub fn is_capped(&self) -> bool {
+        self.cap.is_some()
+    }
+
+    /// Whether the cap was reached: nothing is forwarded any more.
+    pub fn is_cut(&self) -> bool {
+        self.cap.as_ref().is_some_and(|c| c.cut)
+    }
+
+    /// The running count of the completion forwarded under a cap (0 without one).
+    pub fn delivered_estimate(&self) -> u64 {
+        self.cap.as_ref().map_or(0, |c| c.delivered)
+    }
+
+    /// Rewrite mode under a cap: like [`StreamAccounting::observe_filtering`],
+    /// but usage-only chunks are dropped only when `strip_usage`, and nothing
+    /// from the event that reaches the cap on is forwarded (or accounted).
+    /// Returns [`StreamAccounting::is_cut`].
+    pub fn observe_capped(&mut self, chunk: &[u8], out: &mut Vec<u8>, strip_usage: bool) -> bool {
+        self.rewrite(chunk, out, strip_usage);
+        self.is_cut()
     }
 
     /// Pass-through mode: accounts for `chunk`, which the caller forwards
@@ -161,17 +229,29 @@ impl StreamAccounting {
     /// Bytes of an incomplete trailing event are held until it completes
     /// (events larger than the bound are forwarded as they arrive).
     pub fn observe_filtering(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        self.rewrite(chunk, out, true);
+    }
+
+    fn rewrite(&mut self, chunk: &[u8], out: &mut Vec<u8>, strip_usage: bool) {
         let Self {
             scanner,
             splitter,
             tally,
+            cap,
         } = self;
         splitter.feed(chunk, |piece| {
+            if cap.as_ref().is_some_and(|c| c.cut) {
+                return;
+            }
             // A complete piece ends with exactly one blank line, so feeding it
             // dispatches at most one event, at its end.
+            let mark = tally.mark();
             let mut usage_only = false;
             scanner.feed(piece.bytes, |ev| usage_only |= tally.on_event(ev));
-            if !(piece.complete && usage_only) {
+            if !tally.admit(mark, cap.as_mut()) {
+                return;
+            }
+            if !(strip_usage && piece.complete && usage_only) {
                 out.extend_from_slice(piece.bytes);
             }
         });
@@ -181,14 +261,21 @@ impl StreamAccounting {
     /// (see [`SseScanner::finish`]). In rewrite mode pass `Some(out)`: it
     /// receives the held trailing bytes, unless they form a usage-only chunk.
     pub fn finish(&mut self, out: Option<&mut Vec<u8>>) {
+        if self.is_cut() {
+            // Whatever came after the cap was neither forwarded nor accounted.
+            self.splitter.flush_remaining();
+            return;
+        }
         let tally = &mut self.tally;
+        let mark = tally.mark();
         let mut usage_only = false;
         let rest = self.splitter.flush_remaining();
         self.scanner
             .feed(&rest, |ev| usage_only |= tally.on_event(ev));
         self.scanner.finish(|ev| usage_only |= tally.on_event(ev));
+        let admitted = tally.admit(mark, self.cap.as_mut());
         if let Some(out) = out {
-            if !usage_only {
+            if admitted && !usage_only {
                 out.extend_from_slice(&rest);
             }
         }
@@ -249,6 +336,37 @@ impl StreamAccounting {
 }
 
 impl Tally {
+    fn mark(&self) -> Mark {
+        Mark {
+            text_len: self.text.len(),
+            usage: self.usage,
+            saw_done: self.saw_done,
+            saw_finish_reason: self.saw_finish_reason,
+            saw_error: self.saw_error,
+        }
+    }
+
+    /// Under a cap, counts the text added since `mark` and keeps it if it fits;
+    /// otherwise rolls the tally back to `mark` and cuts. True when kept.
+    fn admit(&mut self, mark: Mark, cap: Option<&mut Cap>) -> bool {
+        let Some(cap) = cap else { return true };
+        let added = cap
+            .tokenizer
+            .count(self.text.get(mark.text_len..).unwrap_or_default());
+        let total = cap.delivered.saturating_add(added);
+        if total <= cap.allowed {
+            cap.delivered = total;
+            return true;
+        }
+        cap.cut = true;
+        self.text.truncate(mark.text_len);
+        self.usage = mark.usage;
+        self.saw_done = mark.saw_done;
+        self.saw_finish_reason = mark.saw_finish_reason;
+        self.saw_error = mark.saw_error;
+        false
+    }
+
     /// Records one event; returns true when it is a usage-only chunk.
     fn on_event(&mut self, ev: SseEvent<'_>) -> bool {
         self.events += 1;
@@ -973,5 +1091,123 @@ mod tests {
         ] {
             assert_eq!(usage_from_response_body(none), None);
         }
+    }
+
+    /// Per-event counts of the sample stream's text, in order.
+    fn event_counts(tok: Tokenizer) -> Vec<u64> {
+        payloads()
+            .iter()
+            .map(|p| {
+                let mut acc = StreamAccounting::new(MAX);
+                acc.observe(format!("data: {p}\n\n").as_bytes());
+                tok.count(acc.completion_text())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_cap_forwards_whole_events_up_to_the_allowance_at_any_chunking() {
+        let tok = Tokenizer::O200kBase;
+        let (input, usage) = stream("\n");
+        let counts = event_counts(tok);
+        let total: u64 = counts.iter().sum();
+        // Every allowance from 0 to the whole: the forwarded prefix is the longest
+        // run of events whose counts fit, identical for every split of the input.
+        for allowed in 0..=total {
+            let fits = counts
+                .iter()
+                .scan(0, |sum, c| {
+                    *sum += c;
+                    Some(*sum <= allowed)
+                })
+                .take_while(|f| *f)
+                .count();
+            let mut expected = Vec::new();
+            let mut text = String::new();
+            for (i, p) in payloads().iter().enumerate().take(fits) {
+                expected.extend_from_slice(format!("data: {p}\n\n").as_bytes());
+                if i < USAGE_AT {
+                    let mut one = StreamAccounting::new(MAX);
+                    one.observe(format!("data: {p}\n\n").as_bytes());
+                    text.push_str(one.completion_text());
+                }
+            }
+            for split in [1, 7, 64, input.len()] {
+                let mut acc = StreamAccounting::new(MAX).capped(tok, allowed);
+                assert!(acc.is_capped());
+                let mut out = Vec::new();
+                let mut cut = false;
+                for c in input.chunks(split) {
+                    cut = acc.observe_capped(c, &mut out, false);
+                }
+                acc.finish(Some(&mut out));
+                assert_eq!(cut, fits < payloads().len(), "allowed {allowed}");
+                assert_eq!(out, expected, "allowed {allowed}, split {split}");
+                assert_eq!(acc.completion_text(), text);
+                assert!(acc.delivered_estimate() <= allowed);
+                assert!(acc.counted_completion_tokens(tok) <= acc.delivered_estimate());
+                if cut {
+                    // Nothing of what was held back counts: no done, no usage.
+                    assert!(!acc.saw_done());
+                    assert_eq!(acc.usage().is_some(), fits > USAGE_AT);
+                }
+            }
+        }
+        // The usage-only chunk is zero tokens: dropped only when asked to.
+        let mut acc = StreamAccounting::new(MAX).capped(tok, total);
+        let mut out = Vec::new();
+        assert!(!acc.observe_capped(&input, &mut out, true));
+        acc.finish(Some(&mut out));
+        let mut without = input[..usage.start].to_vec();
+        without.extend_from_slice(&input[usage.end..]);
+        assert_eq!(out, without);
+        assert_eq!(acc.usage(), Some(expected_usage()));
+    }
+
+    #[test]
+    fn a_cap_checks_an_unterminated_last_event_too() {
+        let tok = Tokenizer::O200kBase;
+        let ev = delta(json!({"content": "one two three four five"})).to_string();
+        let bytes = format!("data: {ev}");
+        let n = tok.count("one two three four five");
+        for (allowed, forwarded) in [(n, true), (n - 1, false)] {
+            let mut acc = StreamAccounting::new(MAX).capped(tok, allowed);
+            let mut out = Vec::new();
+            assert!(!acc.observe_capped(bytes.as_bytes(), &mut out, true));
+            acc.finish(Some(&mut out));
+            assert_eq!(!out.is_empty(), forwarded);
+            assert_eq!(acc.is_cut(), !forwarded);
+        }
+    }
+
+    /// Per-chunk work under a cap does not grow with what was already delivered:
+    /// 20,000 events cost about 20 times 1,000 (the bound is loose on purpose: a
+    /// busy 2-core box is noisy; quadratic work would be ~20 times over it).
+    #[test]
+    fn capped_accounting_is_linear_in_the_stream() {
+        let tok = Tokenizer::O200kBase;
+        tok.warm_up();
+        let ev = format!(
+            "data: {}\n\n",
+            delta(json!({"content": "a few words of text "}))
+        );
+        let time = |events: usize| {
+            let mut acc = StreamAccounting::new(MAX).capped(tok, u64::MAX);
+            let mut out = Vec::new();
+            let t = std::time::Instant::now();
+            for _ in 0..events {
+                out.clear();
+                acc.observe_capped(ev.as_bytes(), &mut out, true);
+            }
+            t.elapsed()
+        };
+        time(1_000);
+        let small = (0..3).map(|_| time(1_000)).min().unwrap();
+        let large = (0..3).map(|_| time(20_000)).min().unwrap();
+        eprintln!("capped accounting: 1,000 events {small:?}, 20,000 events {large:?}");
+        assert!(
+            large < small * 20 * 5,
+            "1,000 events: {small:?}; 20,000 events: {large:?}"
+        );
     }
 }

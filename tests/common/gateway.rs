@@ -58,6 +58,8 @@ pub struct Options {
     pub admin: Option<AdminOptions>,
     /// Extra YAML appended to the generated config (top-level keys).
     pub extra_yaml: String,
+    /// Extra tiers, one `name: { ... }` per line, next to `free` and `pro`.
+    pub extra_tiers: Vec<String>,
     /// `stream_usage` of the provider.
     pub stream_usage: bool,
     /// Replace the provider base URL (e.g. an unreachable one).
@@ -72,6 +74,7 @@ impl Default for Options {
             mock: MockConfig::default(),
             admin: None,
             extra_yaml: String::new(),
+            extra_tiers: Vec::new(),
             stream_usage: true,
             base_url: None,
             max_body_bytes: 8 * 1024 * 1024,
@@ -168,13 +171,18 @@ providers:
 tiers:
   free: {{ requests_per_minute: 5 }}
   pro: {{ requests_per_minute: 100000 }}
-{extra}
+{tiers}{extra}
 "#,
             db = db.display(),
             max = opts.max_body_bytes,
             fbt = opts.first_byte_timeout_ms,
             su = opts.stream_usage,
             extra = opts.extra_yaml,
+            tiers = opts
+                .extra_tiers
+                .iter()
+                .map(|t| format!("  {t}\n"))
+                .collect::<String>(),
         );
         let config = Config::from_yaml_str(&yaml).unwrap_or_else(|e| panic!("test config: {e}"));
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&db).unwrap());
