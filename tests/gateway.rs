@@ -10,7 +10,7 @@ use ai4free::mock::{MockConfig, UsageMode};
 use ai4free::tokens::count::Tokenizer;
 use ai4free::usage::TokenSource;
 use common::gateway::{rt, Options, TestGateway, PROVIDER_KEY};
-use common::http::{self, RawResponse};
+use common::http::{self, assert_openai_error, RawResponse};
 use serde_json::{json, Value};
 
 fn post(
@@ -34,25 +34,6 @@ fn raw(gw: &TestGateway, bytes: &[u8]) -> RawResponse {
 
 fn chat(stream: bool) -> Value {
     json!({"model": "gpt-4o-mini", "stream": stream, "messages": [{"role": "user", "content": "Say hello to the gateway 👋"}]})
-}
-
-fn assert_openai_error(r: &RawResponse, status: u16, code: &str) {
-    assert_eq!(
-        r.status,
-        status,
-        "body: {}",
-        String::from_utf8_lossy(&r.body)
-    );
-    assert_eq!(
-        r.header("content-type").as_deref(),
-        Some("application/json")
-    );
-    let v = r.json();
-    assert_eq!(v["error"]["code"], code, "{v}");
-    assert!(v["error"]["message"]
-        .as_str()
-        .is_some_and(|m| !m.is_empty()));
-    assert!(v["error"]["type"].is_string());
 }
 
 #[test]

@@ -14,6 +14,7 @@ use ai4free::config::{OnFailure, RedisSettings};
 use ai4free::limits::breaker::Breaker;
 use ai4free::limits::redis::RedisLimiter;
 use ai4free::limits::{Checked, Decision, LocalLimiter, RequestLimits, Window};
+use common::eventually;
 use common::gateway::{Options, TestGateway};
 use common::http::{self, RawResponse};
 use common::redis::{away_from_window_edge, RedisServer};
@@ -84,14 +85,6 @@ fn redis_count(redis: &RedisServer, key_id: &str, suffix: &str) -> u64 {
 }
 
 /// Polls `cond` every 20 ms for up to `within`; returns how long it took.
-fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
-    let t = Instant::now();
-    while !cond() {
-        assert!(t.elapsed() < within, "{what}: not within {within:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    t.elapsed()
-}
 
 #[test]
 fn nodes_sharing_one_redis_admit_exactly_the_limit() {
