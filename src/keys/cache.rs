@@ -348,7 +348,7 @@ impl BackgroundService for KeyRefresher {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut failing = false;
+        let mut outage = OutageLog::default();
         let mut last_full = Instant::now();
         loop {
             tokio::select! {
@@ -361,18 +361,40 @@ impl BackgroundService for KeyRefresher {
             } else {
                 self.cache.refresh().await
             };
-            match result {
-                Ok(_) if failing => {
-                    failing = false;
-                    log::info!("key change feed recovered");
-                }
-                Ok(_) => {}
-                Err(e) if !failing => {
-                    failing = true;
-                    log::warn!("key change feed failing, serving cached keys: {e}");
-                }
-                Err(_) => {}
+            outage.record(
+                result,
+                "key change feed failing, serving cached keys",
+                "key change feed recovered",
+            );
+        }
+    }
+}
+
+/// One log line per outage of a background task: the first failure at warn, the
+/// recovery at info, and nothing for the attempts in between (a dead store must
+/// not flood the log at the task's tick rate).
+#[derive(Default)]
+struct OutageLog {
+    failing: bool,
+}
+
+impl OutageLog {
+    fn record<T, E: std::fmt::Display>(
+        &mut self,
+        result: Result<T, E>,
+        failing: &str,
+        recovered: &str,
+    ) {
+        match result {
+            Ok(_) if self.failing => {
+                self.failing = false;
+                log::info!("{recovered}");
             }
+            Err(e) if !self.failing => {
+                self.failing = true;
+                log::warn!("{failing}: {e}");
+            }
+            _ => {}
         }
     }
 }
@@ -397,24 +419,17 @@ impl BackgroundService for UseFlusher {
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
-        let mut failing = false;
+        let mut outage = OutageLog::default();
         loop {
             let stopping = tokio::select! {
                 _ = shutdown.changed() => true,
                 _ = tick.tick() => false,
             };
-            match self.cache.flush_uses().await {
-                Ok(_) if failing => {
-                    failing = false;
-                    log::info!("last_used_at flushes recovered");
-                }
-                Ok(_) => {}
-                Err(e) if !failing => {
-                    failing = true;
-                    log::warn!("cannot write last_used_at, will retry: {e}");
-                }
-                Err(_) => {}
-            }
+            outage.record(
+                self.cache.flush_uses().await,
+                "cannot write last_used_at, will retry",
+                "last_used_at flushes recovered",
+            );
             if stopping {
                 return;
             }

@@ -896,7 +896,6 @@ impl ProxyHttp for Gateway {
             }
             Err(e) => return self.refuse(session, ctx, ProxyError::Auth(e)).await,
         };
-        let policy = Policy::effective(self.config.tier(&key.record.tier), &key.record.limits);
         let endpoint = match route {
             Route::Proxy(endpoint) => endpoint,
             Route::Usage => {
@@ -917,6 +916,7 @@ impl ProxyHttp for Gateway {
                 return Ok(true);
             }
         };
+        let policy = Policy::effective(self.config.tier(&key.record.tier), &key.record.limits);
         ctx.key = Some(key);
         ctx.endpoint = Some(endpoint);
         let limited = !self.config.ablate.limits && !policy.is_empty();

@@ -88,6 +88,20 @@ pub struct KeyPage {
     pub next_cursor: Option<String>,
 }
 
+impl KeyPage {
+    /// The page of a query that fetched up to `limit + 1` keys: the extra one only
+    /// says that another page follows.
+    pub fn from_overfetch(mut keys: Vec<KeyRecord>, limit: usize) -> KeyPage {
+        let next_cursor = if keys.len() > limit {
+            keys.truncate(limit);
+            keys.last().map(|k| encode_key_cursor(&k.id))
+        } else {
+            None
+        };
+        KeyPage { keys, next_cursor }
+    }
+}
+
 /// One recorded admin action. Never holds a secret: callers pass ids, field
 /// names and non-secret values only (the store cannot tell, so it is the caller's
 /// contract).
@@ -129,6 +143,25 @@ pub struct AuditPage {
     pub entries: Vec<AuditEntry>,
     /// Pass back to get the next (older) page; None when this page is the last.
     pub next_cursor: Option<String>,
+}
+
+impl AuditPage {
+    /// The page of a query that fetched up to `limit + 1` entries (see
+    /// [`KeyPage::from_overfetch`]).
+    pub fn from_overfetch(mut entries: Vec<AuditEntry>, limit: usize) -> AuditPage {
+        let next_cursor = if entries.len() > limit {
+            entries.truncate(limit);
+            entries
+                .last()
+                .map(|e| sql::encode_audit_cursor(e.at_ms, e.id))
+        } else {
+            None
+        };
+        AuditPage {
+            entries,
+            next_cursor,
+        }
+    }
 }
 
 /// What a usage rollup report groups by.

@@ -40,8 +40,8 @@ use tokio_postgres::{NoTls, Row};
 
 use super::sql::{self, hash32, json_text, to_i64, Dialect, SqlArg, KEY_COLS, USAGE_COLS};
 use super::{
-    encode_key_cursor, AuditEntry, AuditPage, AuditQuery, KeyFilter, KeyPage, KeyPatch, ReportRow,
-    RollupQuery, RollupRow, Store, StoreError, UsageQuery,
+    AuditEntry, AuditPage, AuditQuery, KeyFilter, KeyPage, KeyPatch, ReportRow, RollupQuery,
+    RollupRow, Store, StoreError, UsageQuery,
 };
 use crate::keys::KeyRecord;
 use crate::usage::{TokenSource, UsageRecord};
@@ -1001,14 +1001,8 @@ impl Store for PostgresStore {
             &sql,
             &args
         ))?;
-        let mut keys = keys_from_rows(&rows, "find_keys")?;
-        let next_cursor = if keys.len() > limit {
-            keys.truncate(limit);
-            keys.last().map(|k| encode_key_cursor(&k.id))
-        } else {
-            None
-        };
-        Ok(KeyPage { keys, next_cursor })
+        let keys = keys_from_rows(&rows, "find_keys")?;
+        Ok(KeyPage::from_overfetch(keys, limit))
     }
 
     async fn insert_audit(&self, entry: &AuditEntry) -> Result<i64, StoreError> {
@@ -1053,7 +1047,7 @@ impl Store for PostgresStore {
             &args
         ))?;
         let err = pg("list_audit");
-        let mut entries = rows
+        let entries = rows
             .iter()
             .map(|r| {
                 let detail: String = r.try_get(5)?;
@@ -1068,18 +1062,7 @@ impl Store for PostgresStore {
             })
             .collect::<Result<Vec<_>, tokio_postgres::Error>>()
             .map_err(err)?;
-        let next_cursor = if entries.len() > limit {
-            entries.truncate(limit);
-            entries
-                .last()
-                .map(|e| sql::encode_audit_cursor(e.at_ms, e.id))
-        } else {
-            None
-        };
-        Ok(AuditPage {
-            entries,
-            next_cursor,
-        })
+        Ok(AuditPage::from_overfetch(entries, limit))
     }
 
     async fn usage_rollup(&self, q: &RollupQuery) -> Result<Vec<RollupRow>, StoreError> {

@@ -14,8 +14,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::sql::{self, hash32, json_text, to_i64, Dialect, SqlArg, KEY_COLS, USAGE_COLS};
 use super::{
-    day_of_ms, encode_key_cursor, AuditEntry, AuditPage, AuditQuery, KeyFilter, KeyPage, KeyPatch,
-    ReportRow, RollupQuery, RollupRow, Store, StoreError, UsageQuery,
+    day_of_ms, AuditEntry, AuditPage, AuditQuery, KeyFilter, KeyPage, KeyPatch, ReportRow,
+    RollupQuery, RollupRow, Store, StoreError, UsageQuery,
 };
 use crate::keys::KeyRecord;
 use crate::usage::{TokenSource, UsageRecord};
@@ -744,7 +744,7 @@ impl Store for SqliteStore {
             limit.saturating_add(1)
         );
         let args = sql_values(w.args);
-        let mut keys = self
+        let keys = self
             .with(move |c| {
                 let mut st = c.prepare(&sql).map_err(db_err)?;
                 let rows = st
@@ -753,13 +753,7 @@ impl Store for SqliteStore {
                 rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
             })
             .await?;
-        let next_cursor = if keys.len() > limit {
-            keys.truncate(limit);
-            keys.last().map(|k| encode_key_cursor(&k.id))
-        } else {
-            None
-        };
-        Ok(KeyPage { keys, next_cursor })
+        Ok(KeyPage::from_overfetch(keys, limit))
     }
 
     async fn insert_audit(&self, entry: &AuditEntry) -> Result<i64, StoreError> {
@@ -797,7 +791,7 @@ impl Store for SqliteStore {
             limit.saturating_add(1)
         );
         let args = sql_values(w.args);
-        let mut entries = self
+        let entries = self
             .with(move |c| {
                 let mut st = c.prepare(&sql).map_err(db_err)?;
                 let rows = st
@@ -817,18 +811,7 @@ impl Store for SqliteStore {
                 rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
             })
             .await?;
-        let next_cursor = if entries.len() > limit {
-            entries.truncate(limit);
-            entries
-                .last()
-                .map(|e| sql::encode_audit_cursor(e.at_ms, e.id))
-        } else {
-            None
-        };
-        Ok(AuditPage {
-            entries,
-            next_cursor,
-        })
+        Ok(AuditPage::from_overfetch(entries, limit))
     }
 
     async fn usage_rollup(&self, q: &RollupQuery) -> Result<Vec<RollupRow>, StoreError> {
