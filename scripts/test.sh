@@ -26,13 +26,13 @@ export AI4FREE_TEST_PYTHON="$PWD/.venv/bin/python"
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 
-echo "==> cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets --locked -- -D warnings
+echo "==> cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "==> cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --locked --lib --bins --tests --examples 2>&1 | tee "$log"
+cargo test --locked --workspace --lib --bins --tests --examples 2>&1 | tee "$log"
 # One closing line over every test binary (cargo prints one per binary).
 passed=$(grep -oE '[0-9]+ passed' "$log" | awk '{s+=$1} END {print s+0}')
 failed=$(grep -oE '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')

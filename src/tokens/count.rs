@@ -16,23 +16,25 @@
 //!
 //! Counts are identical to tiktoken's `encode_ordinary(text).len()` (the
 //! reference, checked by `tests/tokenizer_diff.rs` over ~27k inputs) but
-//! several times faster (`benches/tokens.rs`). Like tiktoken, a text is first
-//! split into pieces by the encoding's pre-tokenizer regex, then each piece is
-//! BPE-encoded. Three things differ:
+//! several times faster (`benches/tokens.rs`) in a fraction of the memory.
+//! Like tiktoken, a text is first split into pieces by the encoding's
+//! pre-tokenizer regex, then each piece is BPE-encoded. What differs:
 //! - Pre-tokenization: a hand-written ASCII scanner ([`ascii_piece_end`])
 //!   produces the same pieces as the regex whenever every byte it has to look
-//!   at is ASCII; at any other piece it defers to bpe-openai's regex, anchored
-//!   at the same position, so Unicode semantics stay the regex's own.
+//!   at is ASCII; at any other piece it defers to the regex, anchored at the
+//!   same position, so Unicode semantics stay the regex's own.
 //! - A piece that is itself a token counts 1 through a hash lookup, as in
 //!   tiktoken, without allocating.
-//! - Other pieces are counted by bpe-openai's linear-time backtracking
-//!   encoder, which yields tiktoken's tokenization without its merge loop.
-
-use std::collections::HashSet;
-use std::hash::{BuildHasherDefault, Hasher};
+//! - Other pieces are counted by a backtracking encoder over compact tables
+//!   (the `ai4free-bpe` crate, `crates/bpe`), which yields tiktoken's tokenization without its merge
+//!   loop.
 
 use once_cell::sync::Lazy;
+use regex_automata::meta::Regex;
+use regex_automata::{Anchored, Input};
 use serde_json::{Map, Value};
+
+use ai4free_bpe::Bpe;
 
 /// One of the BPE encodings the gateway can count with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -53,56 +55,84 @@ enum Pattern {
     Cl100k,
 }
 
-/// One loaded encoding: bpe-openai's tokenizer plus the whole-piece lookup.
+impl Pattern {
+    /// The encoding's tiktoken regex with its one look-ahead, `\s+(?!\S)`,
+    /// rewritten as a pattern that matches one character more (`\s+\s`)
+    /// and gives it back: the regex crate has no look-around, and this is
+    /// several times faster than emulating it with captures. Alternatives are
+    /// tried leftmost-first, in tiktoken's order.
+    fn regexes(self) -> [(&'static str, bool); 3] {
+        let first = match self {
+            Pattern::Cl100k => concat!(
+                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}",
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+$"
+            ),
+            Pattern::O200k => concat!(
+                r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+",
+                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+                r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*",
+                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+                r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+$"
+            ),
+        };
+        [(first, false), (r"\s+\s", true), (r"\s+", false)]
+    }
+}
+
+/// The pre-tokenizer regex of one encoding, for the pieces the ASCII scanner
+/// leaves to it.
+struct Pretokenizer {
+    regex: Regex,
+    /// Per pattern: whether its last character is a look-ahead to give back.
+    lookahead: [bool; 3],
+}
+
+impl Pretokenizer {
+    fn new(pattern: Pattern) -> Result<Pretokenizer, Box<regex_automata::meta::BuildError>> {
+        let patterns = pattern.regexes();
+        Ok(Pretokenizer {
+            regex: Regex::new_many(&patterns.map(|(p, _)| p)).map_err(Box::new)?,
+            lookahead: patterns.map(|(_, l)| l),
+        })
+    }
+
+    /// End of the regex's piece starting at `pos`.
+    fn piece_end(&self, text: &str, pos: usize) -> Option<usize> {
+        let rest = text.get(pos..)?;
+        let found = self.regex.find(Input::new(rest).anchored(Anchored::Yes))?;
+        let mut end = found.end();
+        if self.lookahead.get(found.pattern().as_usize()).copied() == Some(true) {
+            end -= rest.get(..end)?.chars().next_back()?.len_utf8();
+        }
+        (end > 0).then_some(pos + end)
+    }
+}
+
+/// One loaded encoding: its BPE tables and pre-tokenizer.
 struct Encoding {
-    bpe: &'static bpe_openai::Tokenizer,
-    /// The byte strings of every token, to count a piece that is exactly one
-    /// token without running the encoder.
-    tokens: HashSet<&'static [u8], BuildHasherDefault<FxHasher>>,
-    /// Length of the longest token: longer pieces skip the lookup.
-    max_token_len: usize,
+    bpe: Bpe,
+    pre: Pretokenizer,
     pattern: Pattern,
 }
 
-// One lazily-loaded encoding each: loading deserializes a multi-megabyte
-// vocabulary and builds the lookup, so it must happen once per process, never
-// per call. A load failure is stored as `None` (and logged) instead of
-// panicking; startup calls `warm_up` + `is_available` and refuses to start when
-// an encoding is missing.
+// One lazily-loaded encoding each: loading builds the tables from the
+// embedded vocabulary, so it must happen once per process, never per call. A
+// load failure is stored as `None` (and logged) instead of panicking; startup
+// calls `warm_up` + `is_available` and refuses to start when an encoding is
+// missing.
 static O200K_BASE: Lazy<Option<Encoding>> =
-    Lazy::new(|| load("o200k_base", bpe_openai::o200k_base, Pattern::O200k));
+    Lazy::new(|| load("o200k_base", ai4free_bpe::O200K_BASE, Pattern::O200k));
 static CL100K_BASE: Lazy<Option<Encoding>> =
-    Lazy::new(|| load("cl100k_base", bpe_openai::cl100k_base, Pattern::Cl100k));
+    Lazy::new(|| load("cl100k_base", ai4free_bpe::CL100K_BASE, Pattern::Cl100k));
 
-fn load(
-    name: &str,
-    build: fn() -> &'static bpe_openai::Tokenizer,
-    pattern: Pattern,
-) -> Option<Encoding> {
-    // bpe-openai deserializes its embedded vocabulary on first use and panics
-    // if that fails; turn that into the logged `None` the startup check expects.
-    let bpe = match std::panic::catch_unwind(build) {
-        Ok(bpe) => bpe,
-        Err(_) => {
-            log::error!("failed to load the {name} tokenizer");
-            return None;
-        }
-    };
-    let n = bpe.bpe.num_tokens();
-    let mut tokens = HashSet::with_capacity_and_hasher(n, BuildHasherDefault::default());
-    let mut max_token_len = 0;
-    for id in 0..n {
-        let Ok(id) = u32::try_from(id) else { break };
-        let bytes = bpe.bpe.token_bytes(id);
-        max_token_len = max_token_len.max(bytes.len());
-        tokens.insert(bytes);
-    }
-    Some(Encoding {
-        bpe,
-        tokens,
-        max_token_len,
-        pattern,
-    })
+fn load(name: &str, vocab: &'static [u8], pattern: Pattern) -> Option<Encoding> {
+    let bpe = Bpe::from_vocab(vocab)
+        .map_err(|e| log::error!("failed to load the {name} tokenizer: {e}"))
+        .ok()?;
+    let pre = Pretokenizer::new(pattern)
+        .map_err(|e| log::error!("failed to build the {name} pre-tokenizer: {e}"))
+        .ok()?;
+    Some(Encoding { bpe, pre, pattern })
 }
 
 impl Encoding {
@@ -114,7 +144,7 @@ impl Encoding {
             let Some(piece) = bytes.get(pos..end) else {
                 break;
             };
-            total += self.count_piece(piece);
+            total += self.bpe.count(piece) as u64;
             pos = end;
         }
         total
@@ -128,57 +158,9 @@ impl Encoding {
         if let Some(end) = ascii_piece_end(text.as_bytes(), pos, self.pattern) {
             return Some(end);
         }
-        // Anchored at `pos`, exactly as bpe-openai's own splitter searches.
         // `None` is unreachable (every character matches some alternative);
-        // stopping there, rather than looping, is what that splitter does too.
-        let piece = self.bpe.split(text.get(pos..)?).next()?;
-        (!piece.is_empty()).then_some(pos + piece.len())
-    }
-
-    fn count_piece(&self, piece: &[u8]) -> u64 {
-        if piece.len() <= self.max_token_len && self.tokens.contains(piece) {
-            1
-        } else {
-            self.bpe.bpe.count(piece) as u64
-        }
-    }
-}
-
-/// FxHash (rustc's hasher): a few cycles per word, ample for a fixed set of
-/// token byte strings that no client chooses.
-#[derive(Default)]
-struct FxHasher(u64);
-
-impl FxHasher {
-    const K: u64 = 0x517c_c1b7_2722_0a95;
-
-    fn add(&mut self, word: u64) {
-        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(Self::K);
-    }
-}
-
-impl Hasher for FxHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        let mut chunks = bytes.chunks_exact(8);
-        for chunk in &mut chunks {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(chunk);
-            self.add(u64::from_le_bytes(word));
-        }
-        let rest = chunks.remainder();
-        if !rest.is_empty() {
-            let mut word = [0u8; 8];
-            word[..rest.len()].copy_from_slice(rest);
-            self.add(u64::from_le_bytes(word));
-        }
-    }
-
-    fn write_usize(&mut self, n: usize) {
-        self.add(n as u64);
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
+        // stopping there, rather than looping, is the safe answer.
+        self.pre.piece_end(text, pos)
     }
 }
 
@@ -777,9 +759,16 @@ mod tests {
         out
     }
 
-    /// bpe-openai's regex splitter, the reference for the ASCII scanner.
+    /// The regex splitter alone, the reference for the ASCII scanner.
     fn regex_pieces(tok: Tokenizer, text: &str) -> Vec<&str> {
-        tok.encoding().unwrap().bpe.split(text).collect()
+        let pre = &tok.encoding().unwrap().pre;
+        let mut out = Vec::new();
+        let mut pos = 0;
+        while let Some(end) = pre.piece_end(text, pos) {
+            out.push(&text[pos..end]);
+            pos = end;
+        }
+        out
     }
 
     #[test]
