@@ -56,8 +56,9 @@ pub struct Bpe {
     /// Token `r` is `bytes[starts[r]..starts[r + 1]]`.
     starts: Vec<u32>,
     /// Open-addressing hash table of ranks, keyed by the token's bytes: the
-    /// whole-token lookup.
-    index: Vec<u32>,
+    /// whole-token lookup. Each slot is `rank << 32 | tag` (see [`tag`]), so
+    /// that a probe rejects a different token without reading its bytes.
+    index: Vec<u64>,
     trie: Trie,
     /// The longest token that is a proper prefix of token `r`, or `NONE`.
     next_prefix: Vec<u32>,
@@ -142,22 +143,23 @@ impl Bpe {
 
     fn build_index(&mut self) -> Result<(), VocabError> {
         let slots = (self.num_tokens() * 2).next_power_of_two().max(2);
-        self.index = vec![NONE; slots];
+        self.index = vec![EMPTY; slots];
         let mask = slots - 1;
         for rank in 0..self.num_tokens() as u32 {
             let token = self.token(rank);
-            let mut slot = hash_bytes(token) as usize & mask;
-            loop {
-                match self.index.get(slot).copied() {
-                    Some(NONE) => break,
-                    Some(other) if self.token(other) == token => {
-                        return Err(VocabError::Duplicate(rank))
-                    }
-                    _ => slot = (slot + 1) & mask,
+            let hash = hash_bytes(token);
+            let mut slot = hash as usize & mask;
+            while let Some(&entry) = self.index.get(slot) {
+                if entry == EMPTY {
+                    break;
                 }
+                if self.token((entry >> 32) as u32) == token {
+                    return Err(VocabError::Duplicate(rank));
+                }
+                slot = (slot + 1) & mask;
             }
             if let Some(entry) = self.index.get_mut(slot) {
-                *entry = rank;
+                *entry = (u64::from(rank) << 32) | tag(hash, token.len());
             }
         }
         Ok(())
@@ -169,13 +171,21 @@ impl Bpe {
             return None;
         }
         let mask = self.index.len() - 1;
-        let mut slot = hash_bytes(bytes) as usize & mask;
+        let hash = hash_bytes(bytes);
+        let want = tag(hash, bytes.len());
+        let mut slot = hash as usize & mask;
         loop {
-            match self.index.get(slot).copied() {
-                None | Some(NONE) => return None,
-                Some(rank) if self.token(rank) == bytes => return Some(rank),
-                Some(_) => slot = (slot + 1) & mask,
+            let entry = *self.index.get(slot)?;
+            if entry == EMPTY {
+                return None;
             }
+            if entry & TAG_MASK == want {
+                let rank = (entry >> 32) as u32;
+                if self.token(rank) == bytes {
+                    return Some(rank);
+                }
+            }
+            slot = (slot + 1) & mask;
         }
     }
 
@@ -258,24 +268,28 @@ impl Bpe {
         if piece.is_empty() {
             return 0;
         }
-        if self.rank_of(piece).is_some() {
+        // The trie walk answers "is the piece one token?" (most pieces of
+        // prose and code are) and, when not, gives the encoder its first step.
+        let first = self.trie.longest_prefix(piece);
+        if first.is_some_and(|token| self.token_len(token) == piece.len()) {
             return 1;
         }
         SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
             Ok(mut scratch) => {
-                let n = self.backtrack(piece, &mut scratch);
+                let n = self.backtrack(piece, first, &mut scratch);
                 scratch.trim();
                 n
             }
-            Err(_) => self.backtrack(piece, &mut Scratch::default()),
+            Err(_) => self.backtrack(piece, first, &mut Scratch::default()),
         })
     }
 
-    fn backtrack(&self, piece: &[u8], scratch: &mut Scratch) -> usize {
+    /// Counts `piece` given the longest token it starts with, `first`.
+    fn backtrack(&self, piece: &[u8], first: Option<u32>, scratch: &mut Scratch) -> usize {
         scratch.reset(piece.len());
         let tokens = &mut scratch.tokens;
         let mut pos = 0;
-        let mut next = self.trie.longest_prefix(piece);
+        let mut next = first;
         while let Some(mut token) = next {
             let last = tokens.last().copied();
             loop {
@@ -305,6 +319,17 @@ impl Bpe {
         }
         tokens.len()
     }
+}
+
+/// An empty slot of the whole-token index (no token has rank `u32::MAX`).
+const EMPTY: u64 = u64::MAX;
+const TAG_MASK: u64 = 0xffff_ffff;
+
+/// The low half of an index slot: the token's length and 24 hash bits that
+/// the slot position did not use, so that nearly every probe of a different
+/// token is rejected without touching its bytes.
+fn tag(hash: u64, len: usize) -> u64 {
+    ((hash >> 40) << 8) | (len as u64 & 0xff)
 }
 
 fn pair_key(left: u32, right: u32) -> u64 {
@@ -367,46 +392,72 @@ impl BitSet {
     }
 }
 
-/// A byte trie of every token, nodes numbered breadth-first so that a node's
-/// children are consecutive: node `v`'s children are the nodes
-/// `first_child[v]..first_child[v + 1]`, sorted by the byte on their edge.
-/// Three flat arrays, nine bytes a node.
+/// A byte trie of every token as a double array: the child of the node in
+/// cell `s` along byte `c` is cell `t = cells[s].base + c`, if
+/// `cells[t].check == s`. One step down is one array access, with no search
+/// among siblings; the cell holds the token the node spells, so the whole
+/// walk touches one cache line per byte. Twelve bytes a cell, and the packing
+/// leaves few cells empty.
 #[derive(Default)]
 struct Trie {
-    first_child: Vec<u32>,
-    /// The byte on the edge into each node (the root's is unused).
-    label: Vec<u8>,
-    /// The token each node spells, or `NONE`.
-    token: Vec<u32>,
+    cells: Vec<Cell>,
 }
 
-impl Trie {
+#[derive(Clone, Copy)]
+struct Cell {
+    /// Where this node's children start (`NONE`: it has none).
+    base: u32,
+    /// The parent's cell (`NONE`: the cell is free, or the root).
+    check: u32,
+    /// The token this node spells, or `NONE`.
+    token: u32,
+}
+
+impl Cell {
+    const FREE: Cell = Cell {
+        base: NONE,
+        check: NONE,
+        token: NONE,
+    };
+}
+
+/// The trie in breadth-first layout, the step before packing: node `v`'s
+/// children are the nodes `first_child[v]..first_child[v + 1]`, sorted by the
+/// byte on their edge.
+struct Levels {
+    /// Per node `[first_child, token]`, plus a sentinel closing the last range.
+    nodes: Vec<[u32; 2]>,
+    /// The byte on the edge into each node (the root's is unused).
+    label: Vec<u8>,
+}
+
+impl Levels {
     /// Builds the trie level by level over the ranks sorted by their bytes:
     /// the tokens below a node are a contiguous run of that order, and its
     /// children split the run by the next byte. A token equal to the node's
     /// prefix sorts first in the run.
-    fn build(bpe: &Bpe) -> Trie {
+    fn build(bpe: &Bpe) -> Levels {
         let mut order: Vec<u32> = (0..bpe.num_tokens() as u32).collect();
         order.sort_unstable_by(|&a, &b| bpe.token(a).cmp(bpe.token(b)));
-        let mut trie = Trie {
-            first_child: Vec::new(),
+        let mut trie = Levels {
+            nodes: vec![[0, NONE]],
             label: vec![0],
-            token: vec![NONE],
         };
         let mut level = vec![(0, order.len())];
+        let mut first_node = 0;
         let mut depth = 0;
         while !level.is_empty() {
             let mut next_level = Vec::new();
-            for &(mut lo, hi) in &level {
-                trie.first_child.push(trie.label.len() as u32);
-                let node = trie.first_child.len() - 1;
+            for (node, &(mut lo, hi)) in (first_node..).zip(&level) {
+                let mut entry = [trie.label.len() as u32, NONE];
                 if let Some(&rank) = order.get(lo) {
                     if lo < hi && bpe.token(rank).len() == depth {
-                        if let Some(slot) = trie.token.get_mut(node) {
-                            *slot = rank;
-                        }
+                        entry[1] = rank;
                         lo += 1;
                     }
+                }
+                if let Some(slot) = trie.nodes.get_mut(node) {
+                    *slot = entry;
                 }
                 while lo < hi {
                     let byte_at = |i: usize| {
@@ -420,49 +471,136 @@ impl Trie {
                         end += 1;
                     }
                     trie.label.push(byte);
-                    trie.token.push(NONE);
+                    trie.nodes.push([0, NONE]);
                     next_level.push((lo, end));
                     lo = end;
                 }
             }
+            first_node += level.len();
             level = next_level;
             depth += 1;
         }
-        trie.first_child.push(trie.label.len() as u32);
+        trie.nodes.push([trie.label.len() as u32, NONE]);
         trie
     }
 
-    fn child(&self, node: usize, byte: u8) -> Option<usize> {
-        let lo = *self.first_child.get(node)? as usize;
-        let hi = *self.first_child.get(node + 1)? as usize;
-        let labels = self.label.get(lo..hi)?;
-        if labels.len() == 256 {
-            // The root: every byte is a token, so its children are all 256.
-            return Some(lo + usize::from(byte));
+    fn children(&self, node: usize) -> std::ops::Range<usize> {
+        let lo = self.nodes.get(node).map_or(0, |n| n[0] as usize);
+        let hi = self.nodes.get(node + 1).map_or(lo, |n| n[0] as usize);
+        lo..hi
+    }
+}
+
+/// Wide nodes (many children) need a run of free cells that the densely
+/// packed front rarely has; they search from their own cursor, which only
+/// moves forward, so that packing stays linear.
+const WIDE: usize = 8;
+
+impl Trie {
+    fn build(bpe: &Bpe) -> Trie {
+        let levels = Levels::build(bpe);
+        let n = levels.label.len();
+        let mut cells = vec![Cell::FREE; 1024];
+        let mut used = vec![false; 1024];
+        let mut cell_of = vec![NONE; n];
+        if let (Some(root), Some(used), Some(cell), Some(first)) = (
+            cells.first_mut(),
+            used.first_mut(),
+            cell_of.first_mut(),
+            levels.nodes.first(),
+        ) {
+            root.token = first[1];
+            *used = true;
+            *cell = 0;
         }
-        labels.binary_search(&byte).ok().map(|i| lo + i)
+        let mut narrow_from = 1;
+        let mut wide_from = 1;
+        for node in 0..n {
+            let children = levels.children(node);
+            let Some(labels) = levels.label.get(children.clone()) else {
+                continue;
+            };
+            let Some(&first) = labels.first() else {
+                continue;
+            };
+            let first = usize::from(first);
+            let wide = labels.len() > WIDE;
+            let mut pos = if wide { wide_from } else { narrow_from }.max(first + 1);
+            let base = loop {
+                if pos + 256 > used.len() {
+                    used.resize(used.len() * 2, false);
+                    cells.resize(used.len(), Cell::FREE);
+                }
+                let base = pos - first;
+                let fits = labels
+                    .iter()
+                    .all(|&c| used.get(base + usize::from(c)) == Some(&false));
+                if fits {
+                    break base;
+                }
+                pos += 1;
+            };
+            if wide {
+                wide_from = pos + 1;
+            }
+            let parent = cell_of.get(node).copied().unwrap_or(NONE);
+            if let Some(cell) = cells.get_mut(parent as usize) {
+                cell.base = base as u32;
+            }
+            for (child, &c) in children.zip(labels) {
+                let at = base + usize::from(c);
+                if let (Some(cell), Some(slot)) = (cells.get_mut(at), used.get_mut(at)) {
+                    *slot = true;
+                    *cell = Cell {
+                        base: NONE,
+                        check: parent,
+                        token: levels.nodes.get(child).map_or(NONE, |n| n[1]),
+                    };
+                }
+                if let Some(slot) = cell_of.get_mut(child) {
+                    *slot = at as u32;
+                }
+            }
+            while used.get(narrow_from) == Some(&true) {
+                narrow_from += 1;
+            }
+        }
+        let last_used = used.iter().rposition(|&u| u).unwrap_or(0);
+        cells.truncate(last_used + 1);
+        cells.shrink_to_fit();
+        Trie { cells }
+    }
+
+    fn child(&self, cell: usize, byte: u8) -> Option<usize> {
+        let base = self.cells.get(cell)?.base;
+        if base == NONE {
+            return None;
+        }
+        let at = base as usize + usize::from(byte);
+        (self.cells.get(at)?.check as usize == cell).then_some(at)
     }
 
     /// The longest token that is a prefix of `text`.
     fn longest_prefix(&self, text: &[u8]) -> Option<u32> {
-        let mut node = 0;
+        let mut cell = 0;
         let mut best = None;
         for &byte in text {
-            let Some(child) = self.child(node, byte) else {
+            let Some(child) = self.child(cell, byte) else {
                 break;
             };
-            node = child;
-            match self.token.get(node) {
-                Some(&rank) if rank != NONE => best = Some(rank),
+            cell = child;
+            match self.cells.get(cell) {
+                Some(c) if c.token != NONE => best = Some(c.token),
                 _ => {}
             }
         }
         best
     }
 
+    /// Nodes in the trie (cells in use).
     #[cfg(test)]
     fn nodes(&self) -> usize {
-        self.label.len()
+        1 + self.cells.iter().filter(|c| c.check != NONE).count()
     }
 }
 
