@@ -13,8 +13,10 @@
 //! `bpe` crate keeps three double-array Aho-Corasick automata per encoding
 //! (its o200k_base file alone is 32 MB, and loading it put ~80 MB in the
 //! gateway's resident memory); counting needs only a longest-prefix search,
-//! which a byte trie in breadth-first layout answers in a few megabytes,
-//! built from the vocabulary at load.
+//! which one byte trie answers. Packed as a double array it is one array
+//! access per byte (o200k_base: 421,661 nodes, 5 MB), and walking it also
+//! tells whether a piece is a single token, the common case. With the merge
+//! tables, o200k_base takes ~13 MB, built from the vocabulary at load.
 //!
 //! The vocabularies are extracted from tiktoken-rs by `build.rs` and read in
 //! place ([`O200K_BASE`], [`CL100K_BASE`]): token bytes are never copied.
@@ -55,10 +57,6 @@ pub struct Bpe {
     bytes: &'static [u8],
     /// Token `r` is `bytes[starts[r]..starts[r + 1]]`.
     starts: Vec<u32>,
-    /// Open-addressing hash table of ranks, keyed by the token's bytes: the
-    /// whole-token lookup. Each slot is `rank << 32 | tag` (see [`tag`]), so
-    /// that a probe rejects a different token without reading its bytes.
-    index: Vec<u64>,
     trie: Trie,
     /// The longest token that is a proper prefix of token `r`, or `NONE`.
     next_prefix: Vec<u32>,
@@ -67,7 +65,6 @@ pub struct Bpe {
     split: Vec<[u32; 2]>,
     /// The token that merging a pair makes, keyed `left << 32 | right`.
     merges: HashMap<u64, u32, BuildHasherDefault<FxHasher>>,
-    max_token_len: usize,
 }
 
 impl Bpe {
@@ -95,24 +92,20 @@ impl Bpe {
         if usize::try_from(offset).ok() != Some(bytes.len()) {
             return Err(VocabError::Malformed);
         }
-        let max_token_len = lens.iter().copied().max().map_or(0, usize::from);
         let mut bpe = Bpe {
             bytes,
             starts,
-            index: Vec::new(),
             trie: Trie::default(),
             next_prefix: Vec::new(),
             split: Vec::new(),
             merges: HashMap::default(),
-            max_token_len,
         };
-        bpe.build_index()?;
+        bpe.trie = Trie::build(&bpe)?;
         for byte in 0..=u8::MAX {
             if bpe.rank_of(&[byte]).is_none() {
                 return Err(VocabError::MissingByte(byte));
             }
         }
-        bpe.trie = Trie::build(&bpe);
         bpe.next_prefix = (0..n)
             .map(|rank| {
                 let token = bpe.token(rank);
@@ -122,6 +115,20 @@ impl Bpe {
             .collect();
         bpe.build_merges(n);
         Ok(bpe)
+    }
+
+    /// Heap bytes held by the tables (the vocabulary itself is the embedded
+    /// file, not counted).
+    pub fn heap_bytes(&self) -> usize {
+        use std::mem::size_of;
+        // hashbrown: a power-of-two bucket count at most 7/8 full, one control
+        // byte per bucket.
+        let merge_buckets = (self.merges.capacity() * 8 / 7).next_power_of_two();
+        self.starts.capacity() * size_of::<u32>()
+            + self.trie.cells.capacity() * size_of::<Cell>()
+            + self.next_prefix.capacity() * size_of::<u32>()
+            + self.split.capacity() * size_of::<[u32; 2]>()
+            + merge_buckets * (size_of::<(u64, u32)>() + 1)
     }
 
     pub fn num_tokens(&self) -> usize {
@@ -141,52 +148,11 @@ impl Bpe {
         self.token(rank).len()
     }
 
-    fn build_index(&mut self) -> Result<(), VocabError> {
-        let slots = (self.num_tokens() * 2).next_power_of_two().max(2);
-        self.index = vec![EMPTY; slots];
-        let mask = slots - 1;
-        for rank in 0..self.num_tokens() as u32 {
-            let token = self.token(rank);
-            let hash = hash_bytes(token);
-            let mut slot = hash as usize & mask;
-            while let Some(&entry) = self.index.get(slot) {
-                if entry == EMPTY {
-                    break;
-                }
-                if self.token((entry >> 32) as u32) == token {
-                    return Err(VocabError::Duplicate(rank));
-                }
-                slot = (slot + 1) & mask;
-            }
-            if let Some(entry) = self.index.get_mut(slot) {
-                *entry = (u64::from(rank) << 32) | tag(hash, token.len());
-            }
-        }
-        Ok(())
-    }
-
     /// The rank of the token whose bytes are exactly `bytes`, if there is one.
     pub fn rank_of(&self, bytes: &[u8]) -> Option<u32> {
-        if bytes.len() > self.max_token_len || self.index.is_empty() {
-            return None;
-        }
-        let mask = self.index.len() - 1;
-        let hash = hash_bytes(bytes);
-        let want = tag(hash, bytes.len());
-        let mut slot = hash as usize & mask;
-        loop {
-            let entry = *self.index.get(slot)?;
-            if entry == EMPTY {
-                return None;
-            }
-            if entry & TAG_MASK == want {
-                let rank = (entry >> 32) as u32;
-                if self.token(rank) == bytes {
-                    return Some(rank);
-                }
-            }
-            slot = (slot + 1) & mask;
-        }
+        self.trie
+            .longest_prefix(bytes)
+            .filter(|&rank| self.token_len(rank) == bytes.len())
     }
 
     /// Recovers BPE's merge order from the ranks alone: token `r` was made by
@@ -321,17 +287,6 @@ impl Bpe {
     }
 }
 
-/// An empty slot of the whole-token index (no token has rank `u32::MAX`).
-const EMPTY: u64 = u64::MAX;
-const TAG_MASK: u64 = 0xffff_ffff;
-
-/// The low half of an index slot: the token's length and 24 hash bits that
-/// the slot position did not use, so that nearly every probe of a different
-/// token is rejected without touching its bytes.
-fn tag(hash: u64, len: usize) -> u64 {
-    ((hash >> 40) << 8) | (len as u64 & 0xff)
-}
-
 fn pair_key(left: u32, right: u32) -> u64 {
     (u64::from(left) << 32) | u64::from(right)
 }
@@ -436,7 +391,7 @@ impl Levels {
     /// the tokens below a node are a contiguous run of that order, and its
     /// children split the run by the next byte. A token equal to the node's
     /// prefix sorts first in the run.
-    fn build(bpe: &Bpe) -> Levels {
+    fn build(bpe: &Bpe) -> Result<Levels, VocabError> {
         let mut order: Vec<u32> = (0..bpe.num_tokens() as u32).collect();
         order.sort_unstable_by(|&a, &b| bpe.token(a).cmp(bpe.token(b)));
         let mut trie = Levels {
@@ -450,10 +405,17 @@ impl Levels {
             let mut next_level = Vec::new();
             for (node, &(mut lo, hi)) in (first_node..).zip(&level) {
                 let mut entry = [trie.label.len() as u32, NONE];
-                if let Some(&rank) = order.get(lo) {
-                    if lo < hi && bpe.token(rank).len() == depth {
-                        entry[1] = rank;
-                        lo += 1;
+                let spells_prefix = |i: usize| {
+                    order
+                        .get(i)
+                        .filter(|&&rank| i < hi && bpe.token(rank).len() == depth)
+                        .copied()
+                };
+                if let Some(rank) = spells_prefix(lo) {
+                    entry[1] = rank;
+                    lo += 1;
+                    if let Some(again) = spells_prefix(lo) {
+                        return Err(VocabError::Duplicate(again.max(rank)));
                     }
                 }
                 if let Some(slot) = trie.nodes.get_mut(node) {
@@ -481,7 +443,7 @@ impl Levels {
             depth += 1;
         }
         trie.nodes.push([trie.label.len() as u32, NONE]);
-        trie
+        Ok(trie)
     }
 
     fn children(&self, node: usize) -> std::ops::Range<usize> {
@@ -497,8 +459,8 @@ impl Levels {
 const WIDE: usize = 8;
 
 impl Trie {
-    fn build(bpe: &Bpe) -> Trie {
-        let levels = Levels::build(bpe);
+    fn build(bpe: &Bpe) -> Result<Trie, VocabError> {
+        let levels = Levels::build(bpe)?;
         let n = levels.label.len();
         let mut cells = vec![Cell::FREE; 1024];
         let mut used = vec![false; 1024];
@@ -568,7 +530,7 @@ impl Trie {
         let last_used = used.iter().rposition(|&u| u).unwrap_or(0);
         cells.truncate(last_used + 1);
         cells.shrink_to_fit();
-        Trie { cells }
+        Ok(Trie { cells })
     }
 
     fn child(&self, cell: usize, byte: u8) -> Option<usize> {
@@ -604,8 +566,8 @@ impl Trie {
     }
 }
 
-/// FxHash (rustc's hasher): a few cycles per word, ample for a fixed set of
-/// token byte strings that no client chooses.
+/// FxHash (rustc's hasher) for the merge table's `u64` pair keys: a few
+/// cycles per key, ample for a fixed set of keys that no client chooses.
 #[derive(Default)]
 struct FxHasher(u64);
 
@@ -644,14 +606,6 @@ impl Hasher for FxHasher {
     fn finish(&self) -> u64 {
         self.0
     }
-}
-
-fn hash_bytes(bytes: &[u8]) -> u64 {
-    let mut hasher = FxHasher::default();
-    hasher.write(bytes);
-    hasher.add(bytes.len() as u64);
-    // Fx's low bits are weak for short keys; the table indexes by them.
-    hasher.finish().rotate_left(26)
 }
 
 #[cfg(test)]
@@ -750,6 +704,9 @@ mod tests {
         for file in [O200K_BASE, CL100K_BASE] {
             let bpe = Bpe::from_vocab(file).unwrap();
             let n = bpe.num_tokens() as u32;
+            // The point of this crate: a few MB, not bpe-openai's ~80.
+            assert!(bpe.heap_bytes() < 16 << 20, "{} bytes", bpe.heap_bytes());
+            eprintln!("{n} tokens: {} heap bytes", bpe.heap_bytes());
             let ranks: rustc_hash::FxHashMap<Vec<u8>, tiktoken_rs::Rank> =
                 (0..n).map(|r| (bpe.token(r).to_vec(), r)).collect();
             for rank in 0..n {
