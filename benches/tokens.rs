@@ -151,38 +151,38 @@ criterion_group! {
 }
 criterion_main!(benches);
 
-// Measured on this machine (2 cores, shared and noisy), 2026-11-28,
-// `cargo bench --bench tokens -- --warm-up-time 1 --measurement-time 3`,
-// release profile (fat LTO). tiktoken-rs 0.12.1, bpe-openai 0.3.2. MB/s
-// (10^6 bytes/s, criterion median); ratios are against tiktoken-rs in the
-// same run.
+// Measured on this machine (2 cores, shared and noisy), 2026-11-28 10:00 run,
+// `./scripts/bench.sh` (`--warm-up-time 1 --measurement-time 3`), release
+// profile (fat LTO). tiktoken-rs 0.12.1, bpe-openai 0.3.2, ours = ai4free-bpe
+// (crates/bpe) behind the ASCII scanner. MB/s (10^6 bytes/s, criterion
+// median); ratios are against tiktoken-rs in the same run.
 //
 // o200k_base           tiktoken  bpe-openai   ours   bpe/tk  ours/tk
-//   english   1KB        40.1       46.7     131.2    1.16    3.27
-//   english 100KB        38.4       53.3     132.4    1.39    3.45
-//   code      1KB        28.1       52.0     128.5    1.85    4.57
-//   code    100KB        22.3       43.3      92.0    1.94    4.13
-//   cjk       1KB        24.2       58.5      55.3    2.42    2.29
-//   cjk     100KB        25.4       54.7      56.5    2.15    2.22
-//   no_ws     1KB        21.4       52.8      51.0    2.47    2.38
-//   no_ws   100KB        22.1       51.6      53.2    2.33    2.41
-//   no_ws     1MB        22.9       54.4      53.8    2.38    2.35
-//   1 piece   1KB        26.2       76.9      77.7    2.94    2.97
-//   1 piece 100KB        12.6       77.4      78.3    6.14    6.21
-//   1 piece   1MB         3.2       78.1      77.7   24.4    24.3
+//   english   1KB       43.7       58.6     144.7    1.34    3.31
+//   english 100KB       43.1       57.4     141.1    1.33    3.27
+//   code      1KB       30.5       54.1     194.0    1.78    6.37
+//   code    100KB       25.0       47.0     140.5    1.88    5.63
+//   cjk       1KB       26.2       62.9      75.0    2.40    2.86
+//   cjk     100KB       27.3       61.3      74.6    2.24    2.73
+//   no_ws     1KB       22.4       56.5      63.5    2.53    2.84
+//   no_ws   100KB       23.1       56.5      63.5    2.44    2.74
+//   no_ws     1MB       23.2       56.3      63.5    2.42    2.73
+//   1 piece   1KB       26.7       76.6      86.8    2.87    3.25
+//   1 piece 100KB       13.5       79.7      86.6    5.89    6.40
+//   1 piece   1MB        6.1       80.0      86.4   13.05   14.09
 // cl100k_base
-//   english   1KB        21.1       39.5     141.9    1.87    6.73
-//   english 100KB        15.2       36.6     112.0    2.41    7.37
-//   code      1KB        10.2       37.6     130.4    3.69   12.8
-//   code    100KB        11.8       40.1     106.0    3.40    8.98
-//   cjk       1KB        24.3       62.0      54.9    2.55    2.26
-//   cjk     100KB        20.0       57.0      56.0    2.85    2.80
-//   no_ws     1KB        21.5       56.8      54.7    2.64    2.54
-//   no_ws   100KB        21.1       54.2      55.3    2.57    2.62
-//   no_ws     1MB        20.7       53.7      55.5    2.59    2.68
-//   1 piece   1KB        29.3       68.2      78.4    2.33    2.68
-//   1 piece 100KB        14.0       78.5      67.8    5.61    4.84
-//   1 piece   1MB         4.2       75.7      75.8   18.0    18.1
+//   english   1KB       23.5       59.9     156.4    2.55    6.66
+//   english 100KB       23.7       59.1     147.5    2.49    6.22
+//   code      1KB       17.4       54.2     189.4    3.12   10.89
+//   code    100KB       14.5       48.0     149.4    3.32   10.32
+//   cjk       1KB       24.7       61.3      79.3    2.48    3.21
+//   cjk     100KB       24.4       60.5      76.1    2.48    3.12
+//   no_ws     1KB       21.6       57.5      70.8    2.66    3.28
+//   no_ws   100KB       22.0       57.2      70.1    2.60    3.18
+//   no_ws     1MB       22.0       57.5      69.7    2.61    3.17
+//   1 piece   1KB       30.3       80.6      91.0    2.66    3.01
+//   1 piece 100KB       15.5       82.1      91.8    5.29    5.92
+//   1 piece   1MB        6.9       81.5      92.5   11.84   13.45
 // (10 KB points omitted: between the 1 KB and 100 KB ones.)
 //
 // Flatness, ns/byte from 1 KB to 1 MB: ours and bpe-openai stay flat
@@ -192,8 +192,10 @@ criterion_main!(benches);
 // 1 KB / 100 KB / 1 MB.
 //
 // Where the time goes: on ASCII-heavy text the regex pre-tokenizer is the
-// bottleneck of both tiktoken-rs and bpe-openai; our ASCII scanner removes it,
-// hence >= 3.3x. On CJK and other whitespace-free Unicode the scanner defers
-// to the regex and the BPE encoder itself dominates (~13 ns/byte even on a
-// single piece, with no splitting at all), so we stay at bpe-openai's
-// 2.2-2.8x: 3x would need a faster BPE algorithm, not a faster splitter.
+// bottleneck of both tiktoken-rs and bpe-openai; our ASCII scanner removes it.
+// On CJK and other whitespace-free Unicode the scanner defers to the regex and
+// the BPE encoder dominates. Before ai4free-bpe (03:32 run, bpe-openai's
+// encoder under our scanner) these were 56.5 (o200k CJK 100KB) and 53.8
+// (no_ws 1MB) MB/s, 2.2-2.8x; the double-array trie walk, which also answers
+// "is this piece one token", made them 74.6 and 63.5, and English/code went
+// from 132/92 to 141/141, while the tables shrank from ~80 MB to 12.7 MB.
