@@ -131,10 +131,12 @@ impl Bpe {
             + merge_buckets * (size_of::<(u64, u32)>() + 1)
     }
 
+    /// Number of ordinary tokens (ranks `0..num_tokens()`).
     pub fn num_tokens(&self) -> usize {
         self.starts.len().saturating_sub(1)
     }
 
+    /// The bytes of token `rank` (empty for a rank out of range).
     pub fn token(&self, rank: u32) -> &'static [u8] {
         let i = rank as usize;
         match (self.starts.get(i), self.starts.get(i + 1)) {
