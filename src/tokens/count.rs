@@ -60,7 +60,9 @@ impl Pattern {
     /// rewritten as a pattern that matches one character more (`\s+\s`)
     /// and gives it back: the regex crate has no look-around, and this is
     /// several times faster than emulating it with captures. Alternatives are
-    /// tried leftmost-first, in tiktoken's order.
+    /// tried leftmost-first, in tiktoken's order. This is the rewrite
+    /// bpe-openai ships; `tests/tokenizer_diff.rs` holds it to tiktoken's own
+    /// regex through the counts.
     fn regexes(self) -> [(&'static str, bool); 3] {
         let first = match self {
             Pattern::Cl100k => concat!(
