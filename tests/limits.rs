@@ -441,17 +441,15 @@ fn concurrent_streams_against_a_token_budget_stay_within_the_bound() {
     let mut body = chat("Stream to the budget");
     body["stream"] = json!(true);
     let p = prompt_tokens(&body);
-    let req = http::request(
-        "POST",
+    let req = http::json_request(
         "/v1/chat/completions",
+        Some(&key),
+        &body,
         &[
-            ("authorization", &format!("Bearer {key}")),
-            ("content-type", "application/json"),
             ("x-mock-prompt-tokens", &p.to_string()),
             ("x-mock-completion-tokens", "20"),
             ("x-mock-chunk-delay-ms", "20"),
         ],
-        &serde_json::to_vec(&body).unwrap(),
     );
     let req = Arc::new(req);
     let statuses: Vec<u16> = rt().block_on(async {
@@ -512,16 +510,11 @@ fn concurrency_slots_are_held_while_streaming_and_freed_after() {
         );
         let mut body = chat("Hold a slot");
         body["stream"] = json!(true);
-        let req = http::request(
-            "POST",
+        let req = http::json_request(
             "/v1/chat/completions",
-            &[
-                ("authorization", &format!("Bearer {key}")),
-                ("content-type", "application/json"),
-                ("x-mock-chunk-delay-ms", "50"),
-                ("x-mock-words", "10"),
-            ],
-            &serde_json::to_vec(&body).unwrap(),
+            Some(&key),
+            &body,
+            &[("x-mock-chunk-delay-ms", "50"), ("x-mock-words", "10")],
         );
         rt().block_on(async {
             let mut s = http::stream(gw.addr, &req).await.unwrap();
@@ -542,10 +535,6 @@ fn concurrency_slots_are_held_while_streaming_and_freed_after() {
 }
 
 // === cut streams ===
-
-fn sse_events(body: &[u8]) -> Vec<String> {
-    http::sse_data(body)
-}
 
 fn delivered_text(events: &[String]) -> String {
     events
@@ -592,18 +581,15 @@ fn settles_to(gw: &TestGateway, key: &str, limit: u64, want: u64, what: &str) {
 
 /// The proxied call's usage row of key `id` (probes' 400 rows are skipped).
 fn row_of(gw: &TestGateway, id: &str) -> ai4free::usage::UsageRecord {
-    let t = Instant::now();
-    loop {
-        let found = gw
+    let mut found = None;
+    eventually(Duration::from_secs(10), "the usage row", || {
+        found = gw
             .usage_rows()
             .into_iter()
             .find(|r| r.key_id == id && r.status != 400);
-        if let Some(r) = found {
-            return r;
-        }
-        assert!(t.elapsed() < Duration::from_secs(10), "no row for {id}");
-        std::thread::sleep(Duration::from_millis(25));
-    }
+        found.is_some()
+    });
+    found.unwrap()
 }
 
 /// The most tokens one of the mock's first `n` completion pieces counts.
@@ -637,18 +623,17 @@ fn enforce_mid_stream_ends_the_stream_at_the_allowance_and_bills_what_was_delive
         let tiers: Vec<&str> = tiers.iter().map(String::as_str).collect();
         let gw = gateway_with_tiers(with_redis, &tiers);
         away_from_window_edge(60_000, 15_000);
+        let p_header = p.to_string();
         let headers = [
             ("x-mock-words", "200"),
-            ("x-mock-prompt-tokens", &*p.to_string()),
-        ]
-        .map(|(k, v)| (k, v.to_owned()));
-        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            ("x-mock-prompt-tokens", p_header.as_str()),
+        ];
 
         // With enforce_mid_stream: the stream stops before it passes the limit.
         let (id, key) = key_in_tier(&gw, "cut", KeyLimits::default());
         let r = post(&gw, &key, &body, &headers);
         assert_eq!(r.status, 200, "{}", r.text());
-        let events = sse_events(&r.body);
+        let events = http::sse_data(&r.body);
         let text = r.text();
         assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{text}");
         let err: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
@@ -691,7 +676,7 @@ fn enforce_mid_stream_ends_the_stream_at_the_allowance_and_bills_what_was_delive
         let (id, key) = key_in_tier(&gw, "overrun", KeyLimits::default());
         let r = post(&gw, &key, &body, &headers);
         assert_eq!(r.status, 200);
-        let events = sse_events(&r.body);
+        let events = http::sse_data(&r.body);
         assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
         assert!(r.text().contains("finish_reason\":\"stop"));
         assert!(!r.text().contains("\"error\""));
@@ -730,16 +715,11 @@ fn cut_streams_settle_to_what_was_delivered() {
 
         // A client that reads 3 chunks and hangs up pays for what was delivered.
         let (id, key) = key_with_limits(&gw, limits.clone());
-        let req = http::request(
-            "POST",
+        let req = http::json_request(
             "/v1/chat/completions",
-            &[
-                ("authorization", &format!("Bearer {key}")),
-                ("content-type", "application/json"),
-                ("x-mock-chunk-delay-ms", "50"),
-                ("x-mock-words", "100"),
-            ],
-            &serde_json::to_vec(&body).unwrap(),
+            Some(&key),
+            &body,
+            &[("x-mock-chunk-delay-ms", "50"), ("x-mock-words", "100")],
         );
         rt().block_on(async {
             let mut s = http::stream(gw.addr, &req).await.unwrap();
@@ -768,7 +748,7 @@ fn cut_streams_settle_to_what_was_delivered() {
         assert!(r.text().contains("\"error\""), "{}", r.text());
         let row = row_of(&gw, &id);
         assert_eq!(row.token_source, TokenSource::Partial);
-        let delivered = Tokenizer::O200kBase.count(&delivered_text(&sse_events(&r.body)));
+        let delivered = Tokenizer::O200kBase.count(&delivered_text(&http::sse_data(&r.body)));
         assert_eq!(row.completion_tokens, delivered);
         assert!(delivered > 0);
         settles_to(

@@ -84,8 +84,6 @@ fn redis_count(redis: &RedisServer, key_id: &str, suffix: &str) -> u64 {
     v.unwrap_or(0)
 }
 
-/// Polls `cond` every 20 ms for up to `within`; returns how long it took.
-
 #[test]
 fn nodes_sharing_one_redis_admit_exactly_the_limit() {
     let redis = RedisServer::start();

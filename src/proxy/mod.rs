@@ -1073,16 +1073,15 @@ impl ProxyHttp for Gateway {
                     ms.allowance.completion_tokens,
                 ))
             });
+            if strip || cap.is_some() {
+                // The body is rewritten: the usage event the client did not ask
+                // for is dropped, or the stream may end early at a cap.
+                resp.remove_header("content-length");
+            }
             if let Some((tok, allowed)) = cap {
                 acc = acc.capped(tok, allowed);
-                // Events are forwarded whole and the stream may end early.
-                resp.remove_header("content-length");
             }
             ctx.response = ResponseAccounting::Stream(Box::new(acc));
-            if strip {
-                // We drop the usage event the client did not ask for: the length changes.
-                resp.remove_header("content-length");
-            }
         } else {
             ctx.response = ResponseAccounting::Json {
                 buf: Vec::new(),
@@ -1116,7 +1115,7 @@ impl ProxyHttp for Gateway {
                 if strip || capped {
                     let mut out = Vec::new();
                     if let Some(chunk) = body.as_ref() {
-                        acc.observe_capped(chunk, &mut out, strip);
+                        acc.observe_rewriting(chunk, &mut out, strip);
                     }
                     if end_of_stream {
                         acc.finish(Some(&mut out));

@@ -170,7 +170,7 @@ impl StreamAccounting {
     }
 
     /// Caps the completion this stream may deliver at `allowed_tokens`, for
-    /// `enforce_mid_stream`. Only the rewrite modes ([`StreamAccounting::observe_capped`],
+    /// `enforce_mid_stream`. Only the rewrite modes ([`StreamAccounting::observe_rewriting`],
     /// [`StreamAccounting::observe_filtering`]) honour it: each complete event's
     /// delta text is counted on its own as it passes (O(event), so O(chunk) per
     /// chunk), and the first event that would take the running sum past the cap
@@ -205,15 +205,6 @@ impl StreamAccounting {
         self.cap.as_ref().map_or(0, |c| c.delivered)
     }
 
-    /// Rewrite mode under a cap: like [`StreamAccounting::observe_filtering`],
-    /// but usage-only chunks are dropped only when `strip_usage`, and nothing
-    /// from the event that reaches the cap on is forwarded (or accounted).
-    /// Returns [`StreamAccounting::is_cut`].
-    pub fn observe_capped(&mut self, chunk: &[u8], out: &mut Vec<u8>, strip_usage: bool) -> bool {
-        self.rewrite(chunk, out, strip_usage);
-        self.is_cut()
-    }
-
     /// Pass-through mode: accounts for `chunk`, which the caller forwards
     /// unchanged.
     pub fn observe(&mut self, chunk: &[u8]) {
@@ -229,10 +220,20 @@ impl StreamAccounting {
     /// Bytes of an incomplete trailing event are held until it completes
     /// (events larger than the bound are forwarded as they arrive).
     pub fn observe_filtering(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
-        self.rewrite(chunk, out, true);
+        self.observe_rewriting(chunk, out, true);
     }
 
-    fn rewrite(&mut self, chunk: &[u8], out: &mut Vec<u8>, strip_usage: bool) {
+    /// Rewrite mode: accounts for `chunk` and appends to `out` what the client
+    /// gets. Usage-only chunks are dropped when `strip_usage`; under a cap,
+    /// nothing from the event that reaches it on is forwarded (or accounted).
+    /// Bytes of an incomplete trailing event are held until it completes.
+    /// Returns [`StreamAccounting::is_cut`].
+    pub fn observe_rewriting(
+        &mut self,
+        chunk: &[u8],
+        out: &mut Vec<u8>,
+        strip_usage: bool,
+    ) -> bool {
         let Self {
             scanner,
             splitter,
@@ -255,6 +256,7 @@ impl StreamAccounting {
                 out.extend_from_slice(piece.bytes);
             }
         });
+        self.is_cut()
     }
 
     /// End of stream. Dispatches a final event that lacked its blank line
@@ -1138,7 +1140,7 @@ mod tests {
                 let mut out = Vec::new();
                 let mut cut = false;
                 for c in input.chunks(split) {
-                    cut = acc.observe_capped(c, &mut out, false);
+                    cut = acc.observe_rewriting(c, &mut out, false);
                 }
                 acc.finish(Some(&mut out));
                 assert_eq!(cut, fits < payloads().len(), "allowed {allowed}");
@@ -1156,7 +1158,7 @@ mod tests {
         // The usage-only chunk is zero tokens: dropped only when asked to.
         let mut acc = StreamAccounting::new(MAX).capped(tok, total);
         let mut out = Vec::new();
-        assert!(!acc.observe_capped(&input, &mut out, true));
+        assert!(!acc.observe_rewriting(&input, &mut out, true));
         acc.finish(Some(&mut out));
         let mut without = input[..usage.start].to_vec();
         without.extend_from_slice(&input[usage.end..]);
@@ -1173,7 +1175,7 @@ mod tests {
         for (allowed, forwarded) in [(n, true), (n - 1, false)] {
             let mut acc = StreamAccounting::new(MAX).capped(tok, allowed);
             let mut out = Vec::new();
-            assert!(!acc.observe_capped(bytes.as_bytes(), &mut out, true));
+            assert!(!acc.observe_rewriting(bytes.as_bytes(), &mut out, true));
             acc.finish(Some(&mut out));
             assert_eq!(!out.is_empty(), forwarded);
             assert_eq!(acc.is_cut(), !forwarded);
@@ -1197,7 +1199,7 @@ mod tests {
             let t = std::time::Instant::now();
             for _ in 0..events {
                 out.clear();
-                acc.observe_capped(ev.as_bytes(), &mut out, true);
+                acc.observe_rewriting(ev.as_bytes(), &mut out, true);
             }
             t.elapsed()
         };

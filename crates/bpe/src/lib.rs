@@ -167,9 +167,9 @@ impl Bpe {
         self.merges = HashMap::with_capacity_and_hasher(n as usize, Default::default());
         for rank in 0..n {
             let token = self.token(rank);
-            let mut left = self.next_prefix.get(rank as usize).copied().unwrap_or(NONE);
+            let mut candidate = self.shorter(rank);
             let mut pair = [rank, rank];
-            while left != NONE {
+            while let Some(left) = candidate {
                 let rest = token.get(self.token_len(left)..).unwrap_or(&[]);
                 if let Some(right) = self.rank_of(rest) {
                     if left < rank && right < rank && self.is_valid_pair(left, right) {
@@ -178,10 +178,18 @@ impl Bpe {
                         break;
                     }
                 }
-                left = self.next_prefix.get(left as usize).copied().unwrap_or(NONE);
+                candidate = self.shorter(left);
             }
             self.split.push(pair);
         }
+    }
+
+    /// The longest token that is a proper prefix of token `rank`.
+    fn shorter(&self, rank: u32) -> Option<u32> {
+        self.next_prefix
+            .get(rank as usize)
+            .copied()
+            .filter(|&r| r != NONE)
     }
 
     fn split_of(&self, rank: u32) -> [u32; 2] {
@@ -270,9 +278,9 @@ impl Bpe {
                     next = self.trie.longest_prefix(piece.get(end..).unwrap_or(&[]));
                     break;
                 }
-                match self.next_prefix.get(token as usize).copied() {
-                    Some(shorter) if shorter != NONE => token = shorter,
-                    _ => {
+                match self.shorter(token) {
+                    Some(shorter) => token = shorter,
+                    None => {
                         // No token starting here can be followed through to
                         // the end: `pos` is a dead end; retry the previous
                         // token shorter.
