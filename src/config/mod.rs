@@ -352,6 +352,9 @@ pub struct UsageSettings {
     pub spool_max_bytes: u64,
     /// The spool is `fsync`ed at most this often (default 200 ms, 0 = every batch).
     pub spool_fsync_interval: Duration,
+    /// The writer threads' nice value, 0..=19 (default 10; Linux only): the
+    /// proxy threads preempt the writer's bursts instead of queueing behind them.
+    pub writer_nice: u8,
 }
 
 /// API key cache settings (`keys`).

@@ -99,6 +99,7 @@ const USAGE_KEYS: &[&str] = &[
     "spool_dir",
     "spool_max_bytes",
     "spool_fsync_interval_ms",
+    "writer_nice",
 ];
 const KEYS_KEYS: &[&str] = &[
     "refresh_interval_ms",
@@ -668,6 +669,8 @@ fn read_usage(r: &mut Reader, f: &Fields<'_>) -> UsageSettings {
         // At least a MiB so one batch always fits; at most a TiB (a unit mistake above).
         spool_max_bytes: uint_or(r, s, "spool_max_bytes", 1 << 30, 1 << 20, 1 << 40),
         spool_fsync_interval: ms_or(r, s, "spool_fsync_interval_ms", 200, 0, 60_000),
+        // Nice values above 19 do not exist; 0 leaves the writer at the proxy's priority.
+        writer_nice: u8::try_from(uint_or(r, s, "writer_nice", 10, 0, 19)).unwrap_or(10),
     }
 }
 

@@ -199,6 +199,7 @@ fn defaults_apply_when_keys_are_absent() {
             spool_dir: None,
             spool_max_bytes: 1 << 30,
             spool_fsync_interval: Duration::from_millis(200),
+            writer_nice: 10,
         }
     );
     assert_eq!(

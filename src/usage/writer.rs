@@ -102,15 +102,22 @@ impl UsageWriter {
         let (tx, rx) = mpsc::channel(settings.queue_capacity.max(1));
         let batch = settings.batch_size.max(1);
         let interval = settings.flush_interval;
+        let nice = settings.writer_nice;
+        // The runtime's blocking threads run the SQLite calls: they get the
+        // writer's priority too.
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
+            .on_thread_start(move || lower_priority(nice))
             .build()
             .map_err(io_err)?;
         let (close_tx, close_rx) = tokio::sync::oneshot::channel();
         let writer = Writer::new(store, spool);
         let thread = std::thread::Builder::new()
             .name("ai4free-usage".into())
-            .spawn(move || rt.block_on(run(writer, rx, close_rx, batch, interval)))
+            .spawn(move || {
+                lower_priority(nice);
+                rt.block_on(run(writer, rx, close_rx, batch, interval))
+            })
             .map_err(io_err)?;
         Ok((
             UsageSink { tx },
@@ -198,6 +205,23 @@ async fn run(
         }
     }
     w.finish().await
+}
+
+/// Gives the calling thread the scheduling priority `nice`. The writer's work
+/// comes in bursts (a tick's rows in one transaction); at the proxy's own
+/// priority a burst holds a core the proxy threads then queue behind, which is
+/// what set the gateway's p99. Niced, it yields to them at once and still gets
+/// its share of an idle core. Linux applies the value to the thread alone.
+fn lower_priority(nice: u8) {
+    #[cfg(target_os = "linux")]
+    if nice > 0 {
+        let tid = rustix::thread::gettid();
+        if let Err(e) = rustix::process::setpriority_process(Some(tid), i32::from(nice)) {
+            log::warn!("usage writer: cannot set nice {nice}: {e}");
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = nice;
 }
 
 /// The writer thread's state: the store, the spool and the store's health.
@@ -498,6 +522,7 @@ mod tests {
             spool_dir: None,
             spool_max_bytes: max_bytes,
             spool_fsync_interval: Duration::from_millis(20),
+            writer_nice: 0,
         }
     }
 
@@ -634,6 +659,49 @@ mod tests {
         let stats = writer.shutdown();
         assert_eq!(stats.replayed, 250);
         assert_eq!(stats.spool_bytes_left, 0);
+    }
+
+    /// `(name, nice)` of every thread of this process.
+    #[cfg(target_os = "linux")]
+    fn thread_nices() -> Vec<(String, i64)> {
+        let mut out = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let (Ok(comm), Ok(stat)) = (
+                std::fs::read_to_string(task.path().join("comm")),
+                std::fs::read_to_string(task.path().join("stat")),
+            ) else {
+                continue; // the thread exited meanwhile
+            };
+            // Fields after the parenthesized name start at field 3; nice is field 19.
+            let rest = &stat[stat.rfind(')').unwrap() + 2..];
+            let nice = rest.split(' ').nth(16).unwrap().parse().unwrap();
+            out.push((comm.trim().to_owned(), nice));
+        }
+        out
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_writer_and_its_store_threads_run_niced() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = flaky(false);
+        // No other test uses this value, so every thread at 7 is this writer's.
+        let settings = UsageSettings {
+            writer_nice: 7,
+            ..settings(1 << 30)
+        };
+        let (sink, writer) = UsageWriter::spawn(store.clone(), &settings, dir.path()).unwrap();
+        for i in 0..20 {
+            assert!(sink.record(rec(i)));
+        }
+        wait_until(|| stored(&store).len() == 20);
+        // SQLite ran on the runtime's blocking pool, whose threads idle for 10 s
+        // before they exit: both kinds of thread are there to look at.
+        let niced: Vec<_> = thread_nices().into_iter().filter(|t| t.1 == 7).collect();
+        assert!(niced.iter().any(|t| t.0 == "ai4free-usage"), "{niced:?}");
+        assert!(niced.iter().any(|t| t.0 != "ai4free-usage"), "{niced:?}");
+        drop(sink);
+        writer.shutdown();
     }
 
     #[test]
