@@ -1,7 +1,8 @@
 //! Builds and runs the Pingora server from a validated [`Config`].
 //!
 //! [`App::init`] does the IO that must succeed before listening (open and migrate
-//! the store, load keys, resolve providers, load tokenizers); [`serve`] wires the
+//! the store, load keys, resolve providers, load the tokenizers the config will
+//! count with); [`serve`] wires the
 //! proxy, the metrics endpoint, the admin API and the background services into one Pingora
 //! `Server`, runs it until a shutdown signal, and then flushes usage.
 
@@ -73,14 +74,21 @@ impl App {
         }
         let upstreams = Arc::new(ups);
         resolve_all(&config, &upstreams).await;
-        for p in &config.providers {
-            for m in &p.models {
-                let t = m.tokenizer;
-                t.warm_up();
-                if !t.is_available() {
-                    return Err(StartError::Tokenizer(t.name()));
+        if counts_at_admission_or_stream(&config) {
+            for p in &config.providers {
+                for m in &p.models {
+                    let t = m.tokenizer;
+                    t.warm_up();
+                    if !t.is_available() {
+                        return Err(StartError::Tokenizer(t.name()));
+                    }
                 }
             }
+        } else {
+            log::info!(
+                "no tier limits tokens or spend and every provider reports stream usage: \
+                 token tables are built on first use"
+            );
         }
         // Redis being down does not stop start-up: the limiter starts degraded.
         let limiter = Limiter::from_config(&config)?;
@@ -92,6 +100,24 @@ impl App {
             limiter,
         })
     }
+}
+
+/// Whether this config counts tokens in the normal course: a tier limits tokens
+/// or spend (every prompt is counted at admission), or a provider streams
+/// without a usage report (every streamed completion is counted). Then the
+/// token tables (12.7 MB for o200k_base, ~0.2 s to build) are built before
+/// listening, so no request waits for them. Otherwise counting is the rare
+/// fallback (a key override that limits tokens, an answer without `usage`, a
+/// stream the client left) and the tables are built the first time one needs
+/// them, once per process: a gateway in front of providers that report usage
+/// does not hold them at all.
+pub fn counts_at_admission_or_stream(config: &Config) -> bool {
+    let keyless = crate::keys::KeyLimits::default();
+    config
+        .tiers
+        .values()
+        .any(|t| limits::Policy::effective(Some(t), &keyless).needs_body())
+        || config.providers.iter().any(|p| !p.stream_usage)
 }
 
 async fn resolve_all(config: &Config, upstreams: &[Upstream]) {
@@ -275,4 +301,56 @@ pub fn serve(
         stats.spool_bytes_left
     );
     Ok(stats)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    fn config(stream_usage: bool, tier: &str) -> Config {
+        Config::from_yaml_str(&format!(
+            "providers:
+  - name: p
+    base_url: http://127.0.0.1:9090/v1
+    stream_usage: {stream_usage}
+    models:
+      - name: m
+tiers:
+  free: {{ requests_per_minute: 10 }}
+  other: {tier}
+"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn token_tables_are_built_at_start_only_when_the_config_counts() {
+        // Requests-only limits and providers that report stream usage: no
+        // request counts in the normal course.
+        assert!(!counts_at_admission_or_stream(&config(true, "{}")));
+        assert!(!counts_at_admission_or_stream(&config(
+            true,
+            "{ max_concurrent: 4 }"
+        )));
+        // Any tier that limits tokens or spend counts every prompt.
+        assert!(counts_at_admission_or_stream(&config(
+            true,
+            "{ tokens_per_minute: 1000 }"
+        )));
+        assert!(counts_at_admission_or_stream(&config(
+            true,
+            "{ tokens_per_day: 1000 }"
+        )));
+        assert!(counts_at_admission_or_stream(&config(
+            true,
+            "{ spend_usd_per_day: 5 }"
+        )));
+        assert!(counts_at_admission_or_stream(&config(
+            true,
+            "{ spend_usd_per_month: 5 }"
+        )));
+        // A provider that streams without usage has every stream counted.
+        assert!(counts_at_admission_or_stream(&config(false, "{}")));
+    }
 }
