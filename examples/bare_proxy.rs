@@ -15,7 +15,7 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
 
 // Same allocator as the gateway binary, so the comparison isolates ai4free's logic.
-#[cfg(not(target_env = "msvc"))]
+#[cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

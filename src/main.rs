@@ -2,7 +2,9 @@
 
 // A profile under load showed ~9% of the gateway's CPU in glibc malloc; jemalloc
 // (as Pingora's own examples use) handles the proxy's many short-lived buffers better.
-#[cfg(not(target_env = "msvc"))]
+// Its options (a background purge thread, 1 s decay) are built in: .cargo/config.toml.
+// `--no-default-features` builds with the system allocator, for heap profilers.
+#[cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
