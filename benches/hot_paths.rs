@@ -1,7 +1,8 @@
 //! Micro-benchmarks of the per-request cores the proxy calls on every request:
 //! key validation on a cache hit (and `keys::parse` alone), the rate-limit
 //! decision, SSE accounting of a streamed chat completion, and request-head
-//! parsing. Each is pure or cache-only, so these are CPU costs per call.
+//! parsing. Each is pure or cache-only, so these are CPU costs per call. Plus
+//! the usage writer's cost per row: one batch into a SQLite file.
 //!
 //! Run: `cargo bench --bench hot_paths -- --warm-up-time 1 --measurement-time 3`.
 //! This machine is noisy: read the numbers as ratios within one run.
@@ -280,12 +281,68 @@ fn request_head(c: &mut Criterion) {
     group.finish();
 }
 
+/// A usage row as the proxy writes it: ids of realistic length, time-ordered.
+fn usage_row(i: u64) -> ai4free::usage::UsageRecord {
+    ai4free::usage::UsageRecord {
+        request_id: ai4free::usage::new_request_id(NOW_MS + (i / 16) as i64),
+        key_id: "nFUw4kM2WojN".into(),
+        model: "gpt-4o-mini".into(),
+        provider: "openai".into(),
+        endpoint: "/v1/chat/completions".into(),
+        prompt_tokens: 31,
+        cached_prompt_tokens: 0,
+        completion_tokens: 16,
+        cost_pusd: 14_250_000,
+        input_price_micros: 150_000,
+        output_price_micros: 600_000,
+        status: 200,
+        stream: false,
+        token_source: ai4free::usage::TokenSource::Provider,
+        started_at_ms: NOW_MS + (i / 16) as i64,
+        latency_ms: 1,
+        ttfb_ms: Some(1),
+        error: None,
+    }
+}
+
+/// The writer's work per row: a 512-row batch (its default size) into a
+/// SQLite file already holding 100,000 rows, as one transaction.
+fn usage_store(c: &mut Criterion) {
+    const BATCH: u64 = 512;
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("usage.db")).unwrap();
+    let mut next = 0u64;
+    rt.block_on(async {
+        store.migrate().await.unwrap();
+        for _ in 0..100_000 / BATCH {
+            let rows: Vec<_> = (next..next + BATCH).map(usage_row).collect();
+            next += BATCH;
+            store.insert_usage(&rows).await.unwrap();
+        }
+    });
+    let mut group = c.benchmark_group("usage_store");
+    group.throughput(Throughput::Elements(BATCH));
+    group.bench_function("sqlite_insert/512_rows", |b| {
+        b.iter_batched(
+            || {
+                let rows: Vec<_> = (next..next + BATCH).map(usage_row).collect();
+                next += BATCH;
+                rows
+            },
+            |rows| rt.block_on(store.insert_usage(&rows)).unwrap(),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = keys, limiter, sse, request_head
+    targets = keys, limiter, sse, request_head, usage_store
 }
 criterion_main!(benches);
 
