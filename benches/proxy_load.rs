@@ -884,7 +884,20 @@ fn main() {
                 &pinned.gateway.proc,
             ),
         ];
-        max_rates(&rt, &systems, MAX_ROUNDS, &mut out);
+        let pinned_max = max_rates(&rt, &systems, MAX_ROUNDS, &mut out);
+        // What each costs on its core, to read the maxima against: at its maximum
+        // a proxy whose rate × CPU per request is near one core is the bottleneck.
+        let prate = (pinned_max[0] * 0.5).max(100.0);
+        writeln!(out, "\nThe same two at {prate:.0} req/s (half of pinned bare's maximum), 3 interleaved rounds of 4 s; \"added\" is over bare:\n").unwrap();
+        let pspec = RunSpec {
+            rate_per_sec: prate,
+            duration: Duration::from_secs(4),
+            warmup: Duration::from_millis(500),
+            connections: 64,
+            streaming: false,
+            timeout: Duration::from_secs(5),
+        };
+        interleaved(&rt, &systems, &pspec, 3, &mut out);
     }
 
     // 2. Latency at 50% of bare's maximum.
