@@ -606,10 +606,11 @@ const MAX_ROUNDS: usize = 3;
 /// Searches each system's maximum rate with p99 ≤ 2 ms in `rounds` interleaved
 /// rounds (a round after the first starts from half the system's last result,
 /// which saves the climb from 1,000/s), tabulates medians, spreads and ratios to
-/// the second system, and returns the medians.
+/// `systems[baseline]`, and returns the medians.
 fn max_rates(
     rt: &tokio::runtime::Runtime,
     systems: &[System<'_>],
+    baseline: usize,
     rounds: usize,
     out: &mut String,
 ) -> Vec<f64> {
@@ -635,15 +636,11 @@ fn max_rates(
         .iter()
         .map(|f| median(f.iter().map(|x| x.0).collect()))
         .collect();
-    let denominator = if systems.len() > 1 {
-        medians[1]
-    } else {
-        medians[0]
-    };
+    let denominator = medians.get(baseline).copied().unwrap_or(f64::NAN);
     writeln!(
         out,
         "| system | max req/s, median (spread) | p99 µs at max, median | ratio to {} |\n|---|---|---|---|",
-        systems.get(1).map_or("itself", |s| s.name.as_str())
+        systems.get(baseline).map_or("?", |s| s.name.as_str())
     )
     .unwrap();
     for (i, sys) in systems.iter().enumerate() {
@@ -862,7 +859,7 @@ fn main() {
         "### Maximum rate with p99 ≤ 2 ms and no errors (small non-streaming chat), {MAX_ROUNDS} interleaved rounds\n"
     )
     .unwrap();
-    let maxes = max_rates(&rt, &reference(&small, "gateway"), MAX_ROUNDS, &mut out);
+    let maxes = max_rates(&rt, &reference(&small, "gateway"), 1, MAX_ROUNDS, &mut out);
     let bare_max = maxes[1];
 
     // 1b. The same search with each proxy on a core of its own (performance-anchors'
@@ -884,7 +881,7 @@ fn main() {
                 &pinned.gateway.proc,
             ),
         ];
-        let pinned_max = max_rates(&rt, &systems, MAX_ROUNDS, &mut out);
+        let pinned_max = max_rates(&rt, &systems, 0, MAX_ROUNDS, &mut out);
         // What each costs on its core, to read the maxima against: at its maximum
         // a proxy whose rate × CPU per request is near one core is the bottleneck.
         let prate = (pinned_max[0] * 0.5).max(100.0);
