@@ -600,6 +600,16 @@ fn rss_with_open_streams(
     )
 }
 
+/// The open-loop runs that tabulate latency and CPU per request: 4 s at `rate`
+/// after a 0.5 s warm-up, over 64 connections.
+fn latency_spec(rate: f64) -> RunSpec {
+    RunSpec {
+        warmup: Duration::from_millis(500),
+        timeout: Duration::from_secs(5),
+        ..RunSpec::new(rate, Duration::from_secs(4))
+    }
+}
+
 /// Rounds of the maximum-rate search per system.
 const MAX_ROUNDS: usize = 3;
 
@@ -886,29 +896,14 @@ fn main() {
         // a proxy whose rate × CPU per request is near one core is the bottleneck.
         let prate = (pinned_max[0] * 0.5).max(100.0);
         writeln!(out, "\nThe same two at {prate:.0} req/s (half of pinned bare's maximum), 3 interleaved rounds of 4 s; \"added\" is over bare:\n").unwrap();
-        let pspec = RunSpec {
-            rate_per_sec: prate,
-            duration: Duration::from_secs(4),
-            warmup: Duration::from_millis(500),
-            connections: 64,
-            streaming: false,
-            timeout: Duration::from_secs(5),
-        };
-        interleaved(&rt, &systems, &pspec, 3, &mut out);
+        interleaved(&rt, &systems, &latency_spec(prate), 3, &mut out);
     }
 
     // 2. Latency at 50% of bare's maximum.
     let rate = (bare_max * 0.5).max(100.0);
     eprintln!("== latency at {rate:.0} req/s");
     writeln!(out, "\n### Latency at 50% of bare's maximum ({rate:.0} req/s), {ROUNDS} interleaved rounds of 4 s; medians\n").unwrap();
-    let spec = RunSpec {
-        rate_per_sec: rate,
-        duration: Duration::from_secs(4),
-        warmup: Duration::from_millis(500),
-        connections: 64,
-        streaming: false,
-        timeout: Duration::from_secs(5),
-    };
+    let spec = latency_spec(rate);
     let mut systems = reference(&small, "gateway");
     if let Some(g) = &cluster {
         systems.push(System::new(
