@@ -160,9 +160,75 @@ impl Encoding {
         if let Some(end) = ascii_piece_end(text.as_bytes(), pos, self.pattern) {
             return Some(end);
         }
+        if let Some(end) = cjk_piece_end(text, pos) {
+            return Some(end);
+        }
         // `None` is unreachable (every character matches some alternative);
         // stopping there, rather than looping, is the safe answer.
         self.pre.piece_end(text, pos)
+    }
+}
+
+/// Han, kana and Hangul letters whose category (`Lo`, or `Lm` for the
+/// prolonged sound mark) puts them in every letter class of both patterns:
+/// `[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]` and `[\p{Ll}\p{Lm}\p{Lo}\p{M}]` (o200k),
+/// `\p{L}` (cl100k). A test checks every code point against the regex.
+fn is_cjk_letter(c: char) -> bool {
+    matches!(c,
+        '\u{3041}'..='\u{3096}' // hiragana
+        | '\u{30A1}'..='\u{30FA}' // katakana
+        | '\u{30FC}' // prolonged sound mark (Lm)
+        | '\u{3400}'..='\u{4DBF}' // CJK extension A
+        | '\u{4E00}'..='\u{9FFF}' // CJK unified ideographs
+        | '\u{AC00}'..='\u{D7A3}' // Hangul syllables
+    )
+}
+
+/// Common CJK and typographic punctuation and the ideographic space: none is a
+/// letter, mark or number, nor `\r`/`\n` (checked by a test against the regex),
+/// so each may lead a letter piece (`[^\r\n\p{L}\p{N}]?`) and ends one.
+fn is_cjk_punct(c: char) -> bool {
+    matches!(c,
+        '\u{3000}'..='\u{3003}' // ideographic space, 、 。 〃
+        | '\u{3008}'..='\u{3011}' // 〈〉《》「」『』【】
+        | '\u{FF01}' | '\u{FF08}' | '\u{FF09}' | '\u{FF0C}' | '\u{FF1A}' | '\u{FF1B}' | '\u{FF1F}'
+        | '\u{2018}' | '\u{2019}' | '\u{201C}' | '\u{201D}' | '\u{2026}' | '\u{00B7}'
+    )
+}
+
+/// The piece at `p` when it is a run of CJK letters, alone or after one
+/// leading character that is neither letter, number nor `\r`/`\n` (the
+/// letter alternative of both patterns), so that CJK text does not pay a
+/// regex search per piece. The run's letters are in both of o200k's letter
+/// classes, so its greedy match is the whole run; `None` (the regex decides)
+/// unless what ends the run is surely no letter, mark or apostrophe, which
+/// could extend the piece.
+fn cjk_piece_end(text: &str, p: usize) -> Option<usize> {
+    let rest = text.get(p..)?;
+    let mut chars = rest.chars();
+    let c0 = chars.next()?;
+    if !is_cjk_letter(c0) {
+        let leads = if c0.is_ascii() {
+            class(c0 as u8) & (LETTER | DIGIT | NEWLINE) == 0
+        } else {
+            is_cjk_punct(c0)
+        };
+        if !leads || !chars.next().is_some_and(is_cjk_letter) {
+            return None;
+        }
+    }
+    let mut end = rest.len();
+    for (i, c) in rest.char_indices().skip(1) {
+        if !is_cjk_letter(c) {
+            end = i;
+            break;
+        }
+    }
+    match rest.get(end..).and_then(|r| r.chars().next()) {
+        None => Some(rest.len() + p),
+        Some(e) if e.is_ascii() && e != '\'' && class(e as u8) & LETTER == 0 => Some(p + end),
+        Some(e) if is_cjk_punct(e) => Some(p + end),
+        Some(_) => None,
     }
 }
 
@@ -809,6 +875,70 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn cjk_classes_are_what_the_fast_path_assumes() {
+        use regex_automata::meta::Regex;
+        let letter = Regex::new(r"\A[\p{Lo}\p{Lm}]\z").unwrap();
+        let neither = Regex::new(r"\A[^\r\n\p{L}\p{N}\p{M}]\z").unwrap();
+        let mut letters = 0;
+        for c in (0..=0x10FFFFu32).filter_map(char::from_u32) {
+            let mut buf = [0u8; 4];
+            let s: &str = c.encode_utf8(&mut buf);
+            if is_cjk_letter(c) {
+                assert!(letter.is_match(s), "{c:?} U+{:04X} is not Lo/Lm", c as u32);
+                letters += 1;
+            }
+            if is_cjk_punct(c) {
+                assert!(
+                    neither.is_match(s),
+                    "{c:?} U+{:04X} is a letter, number or mark",
+                    c as u32
+                );
+            }
+        }
+        assert!(letters > 30_000);
+    }
+
+    #[test]
+    fn cjk_fast_path_splits_like_the_regex() {
+        let samples = [
+            "你好，世界！我们今天去公园。「こんにちは」と言った。안녕하세요 세계",
+            "日本語のテキスト、カタカナ：コーヒー。 漢字abc 漢字'sで 123漢字 漢字\n\n漢",
+            "中文 English 混合 text。（括号）【标题】“引号”‘单’…・ 다음",
+        ];
+        // Every string of up to 4 symbols mixing CJK letters with what can lead
+        // or end their pieces: CJK and ASCII punctuation, spaces, newlines,
+        // digits, ASCII letters, apostrophes, marks and other letters.
+        let alphabet = [
+            "\u{4f60}", "\u{3042}", "\u{30fc}", "\u{ac00}", "\u{3002}", "\u{ff0c}", "\u{3000}",
+            "\u{2019}", " ", "\n", "\r", ".", "'", "s", "A", "1", "\u{301}", "\u{e9}", "\u{30fb}",
+        ];
+        let mut inputs: Vec<String> = samples.iter().map(|s| s.to_string()).collect();
+        let n = alphabet.len();
+        for len in 1..=4u32 {
+            for mut i in 0..n.pow(len) {
+                let mut s = String::new();
+                for _ in 0..len {
+                    s.push_str(alphabet[i % n]);
+                    i /= n;
+                }
+                inputs.push(s);
+            }
+        }
+        let mut fast = 0;
+        for tok in BOTH {
+            for text in &inputs {
+                assert_eq!(
+                    pieces(tok, text),
+                    regex_pieces(tok, text),
+                    "{tok:?} {text:?}"
+                );
+                fast += usize::from(cjk_piece_end(text, 0).is_some());
+            }
+        }
+        assert!(fast > 10_000, "the fast path took only {fast} inputs");
     }
 
     #[test]
