@@ -157,6 +157,18 @@ fn start_gateway_pinned(name: &str, dir: &Path, mock: SocketAddr, cpu: &str) -> 
     start_gateway_with(name, dir, mock, true, &[], 1, None, Some(cpu))
 }
 
+/// A command running `bin`, on CPU `cpu` only (`taskset -c`) when one is given.
+fn command_on(cpu: Option<&str>, bin: &Path) -> Command {
+    match cpu {
+        Some(cpu) => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", cpu]).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    }
+}
+
 /// The multi-node setup: PostgreSQL storage and Redis limits (`storage` URL and
 /// `redis:` section), or the embedded SQLite default with local limits.
 struct Cluster {
@@ -228,17 +240,10 @@ tiers:
         String::from_utf8_lossy(&out.stderr)
     );
     let key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    let mut cmd = match cpu {
-        Some(cpu) => {
-            let mut c = Command::new("taskset");
-            c.args(["-c", cpu]).arg(&bin);
-            c
-        }
-        None => Command::new(&bin),
-    };
     let proc = Proc::spawn(
         name,
-        cmd.args(["serve", "--config"])
+        command_on(cpu, &bin)
+            .args(["serve", "--config"])
             .arg(&cfg)
             .env("RUST_LOG", "error"),
     );
@@ -713,22 +718,17 @@ impl Pinned {
             eprintln!("fewer than two cores or no taskset: the pinned search is skipped");
             return None;
         }
-        let on = |cpu: &str, bin: PathBuf| {
-            let mut c = Command::new("taskset");
-            c.args(["-c", cpu]).arg(bin);
-            c
-        };
         let mock_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().ok()?;
         let mock = Proc::spawn(
             "pinned mock",
-            on("0", release_bin("examples/mock_provider"))
+            command_on(Some("0"), &release_bin("examples/mock_provider"))
                 .args(["--listen", &mock_addr.to_string()]),
         );
         wait_for(mock_addr);
         let bare_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().ok()?;
         let bare = Proc::spawn(
             "pinned bare",
-            on("1", release_bin("examples/bare_proxy")).args([
+            command_on(Some("1"), &release_bin("examples/bare_proxy")).args([
                 "--listen",
                 &bare_addr.to_string(),
                 "--upstream",

@@ -217,17 +217,17 @@ fn cjk_piece_end(text: &str, p: usize) -> Option<usize> {
             return None;
         }
     }
-    let mut end = rest.len();
-    for (i, c) in rest.char_indices().skip(1) {
-        if !is_cjk_letter(c) {
-            end = i;
-            break;
+    // The first character after the run (the leading one, if any, is no letter).
+    match rest
+        .char_indices()
+        .skip(1)
+        .find(|&(_, c)| !is_cjk_letter(c))
+    {
+        None => Some(p + rest.len()),
+        Some((end, e)) if e.is_ascii() && e != '\'' && class(e as u8) & LETTER == 0 => {
+            Some(p + end)
         }
-    }
-    match rest.get(end..).and_then(|r| r.chars().next()) {
-        None => Some(rest.len() + p),
-        Some(e) if e.is_ascii() && e != '\'' && class(e as u8) & LETTER == 0 => Some(p + end),
-        Some(e) if is_cjk_punct(e) => Some(p + end),
+        Some((end, e)) if is_cjk_punct(e) => Some(p + end),
         Some(_) => None,
     }
 }
