@@ -292,6 +292,8 @@ pub trait Store: Send + Sync {
     /// The highest `rev` currently stored (0 when empty).
     async fn max_key_rev(&self) -> Result<i64, StoreError>;
     /// Writes a batch of usage rows atomically; rows whose `request_id` exists are skipped.
+    /// (SQLite keys a row by `(started_at_ms, request_id)`: a request id is unique and
+    /// a replayed row carries its first start time, so the two agree.)
     async fn insert_usage(&self, rows: &[UsageRecord]) -> Result<(), StoreError>;
     /// Usage rows matching `q`, oldest first.
     async fn query_usage(&self, q: &UsageQuery) -> Result<Vec<UsageRecord>, StoreError>;

@@ -115,6 +115,46 @@ CREATE INDEX usage_daily_key ON usage_daily(key_id, day);
     ),
     // 5: fill the rollup from the usage rows written before it existed.
     Migration::Code(backfill_usage_daily),
+    // 6: usage rows clustered by (started_at_ms, request_id), the order every
+    // query reads them in. A row used to cost four B-tree inserts (the rowid
+    // table, the request_id key, and both indexes); it now costs two. The pair
+    // still rejects a replayed row: a request id is unique and the writer
+    // replays a row exactly as first sent, start time included.
+    Migration::Sql(
+        r#"
+CREATE TABLE usage_by_start (
+    started_at_ms        INTEGER NOT NULL,
+    request_id           TEXT NOT NULL,
+    key_id               TEXT NOT NULL,
+    model                TEXT NOT NULL,
+    provider             TEXT NOT NULL,
+    endpoint             TEXT NOT NULL,
+    prompt_tokens        INTEGER NOT NULL,
+    cached_prompt_tokens INTEGER NOT NULL,
+    completion_tokens    INTEGER NOT NULL,
+    cost_pusd            INTEGER NOT NULL,
+    input_price_micros   INTEGER NOT NULL,
+    output_price_micros  INTEGER NOT NULL,
+    status               INTEGER NOT NULL,
+    stream               INTEGER NOT NULL,
+    token_source         TEXT NOT NULL,
+    latency_ms           INTEGER NOT NULL,
+    ttfb_ms              INTEGER,
+    error                TEXT,
+    PRIMARY KEY (started_at_ms, request_id)
+) WITHOUT ROWID;
+INSERT INTO usage_by_start (request_id, key_id, model, provider, endpoint, prompt_tokens,
+    cached_prompt_tokens, completion_tokens, cost_pusd, input_price_micros,
+    output_price_micros, status, stream, token_source, started_at_ms, latency_ms, ttfb_ms, error)
+SELECT request_id, key_id, model, provider, endpoint, prompt_tokens,
+    cached_prompt_tokens, completion_tokens, cost_pusd, input_price_micros,
+    output_price_micros, status, stream, token_source, started_at_ms, latency_ms, ttfb_ms, error
+FROM usage;
+DROP TABLE usage;
+ALTER TABLE usage_by_start RENAME TO usage;
+CREATE INDEX usage_key_started ON usage(key_id, started_at_ms);
+"#,
+    ),
 ];
 
 /// Usage totals of one (day, key, model) cell.
@@ -868,6 +908,61 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
     use crate::store::conformance::{rollup_fixture, rollup_model, rollup_queries};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn usage_rows_move_to_the_start_ordered_table_intact() {
+        let store = SqliteStore::open(Path::new(":memory:")).unwrap();
+        // Schema 5: the rowid table with its request_id key and two indexes.
+        store.migrate_to(5).await.unwrap();
+        let (keys, rows) = rollup_fixture();
+        for k in &keys {
+            store.insert_key(k).await.unwrap();
+        }
+        store.insert_usage(&rows).await.unwrap();
+        let before = store.query_usage(&UsageQuery::default()).await.unwrap();
+        assert_eq!(before.len(), rows.len());
+
+        store.migrate().await.unwrap();
+        assert_eq!(
+            store.query_usage(&UsageQuery::default()).await.unwrap(),
+            before
+        );
+        let (ddl, indexes) = store
+            .with(|c| {
+                let ddl: String = c
+                    .query_row(
+                        "SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = 'usage'",
+                        [],
+                        |r| r.get(0),
+                    )
+                    .map_err(db_err)?;
+                let mut st = c
+                    .prepare("SELECT name FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'usage' ORDER BY name")
+                    .map_err(db_err)?;
+                let names = st
+                    .query_map([], |r| r.get::<_, String>(0))
+                    .map_err(db_err)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(db_err)?;
+                Ok((ddl, names))
+            })
+            .await
+            .unwrap();
+        assert!(ddl.ends_with("WITHOUT ROWID"), "{ddl}");
+        // The primary key is the table itself: one secondary index is left.
+        assert_eq!(indexes, ["usage_key_started"]);
+        // A replay after the move adds nothing, to the rows or to the rollup.
+        store.insert_usage(&rows).await.unwrap();
+        assert_eq!(
+            store.query_usage(&UsageQuery::default()).await.unwrap(),
+            before
+        );
+        let q = RollupQuery::default();
+        assert_eq!(
+            store.usage_rollup(&q).await.unwrap(),
+            rollup_model(&rows, &keys, &q)
+        );
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn migration_backfills_the_rollup_from_older_usage_rows() {
