@@ -284,7 +284,7 @@ fn request_head(c: &mut Criterion) {
 /// A usage row as the proxy writes it: ids of realistic length, time-ordered.
 fn usage_row(i: u64) -> ai4free::usage::UsageRecord {
     ai4free::usage::UsageRecord {
-        request_id: ai4free::usage::new_request_id(NOW_MS + (i / 16) as i64),
+        request_id: ai4free::usage::new_request_id(NOW_MS + (i / 16) as i64).to_string(),
         key_id: "nFUw4kM2WojN".into(),
         model: "gpt-4o-mini".into(),
         provider: "openai".into(),

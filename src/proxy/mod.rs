@@ -630,10 +630,15 @@ impl Gateway {
         }
     }
 
-    fn build_usage(&self, ctx: &mut Ctx, status: u16) -> Option<(UsageRecord, Option<CountJob>)> {
+    fn build_usage(
+        &self,
+        ctx: &mut Ctx,
+        status: u16,
+        latency: Duration,
+    ) -> Option<(UsageRecord, Option<CountJob>)> {
         let key = ctx.key.as_ref()?;
         let endpoint = ctx.endpoint?;
-        let latency_ms = ctx.started.elapsed().as_millis() as u64;
+        let latency_ms = latency.as_millis() as u64;
         let ttfb_ms = ctx
             .first_byte
             .map(|t| t.saturating_duration_since(ctx.started).as_millis() as u64);
@@ -857,7 +862,7 @@ impl ProxyHttp for Gateway {
             return Ok(false);
         }
 
-        ctx.request_id = Some(Arc::from(usage_mod::new_request_id(ctx.started_at_ms)));
+        ctx.request_id = Some(usage_mod::new_request_id(ctx.started_at_ms));
         ctx.ratelimit_degraded = self.limiter.is_degraded();
         let route = {
             let req = session.req_header();
@@ -885,7 +890,8 @@ impl ProxyHttp for Gateway {
             .map(|v| v.as_bytes());
         let authenticated = match &self.bench_key {
             Some(k) => Ok(k.clone()),
-            None => self.keys.authenticate(auth, usage_mod::now_ms()).await,
+            // The request's own start time: one clock read serves the whole request.
+            None => self.keys.authenticate(auth, ctx.started_at_ms).await,
         };
         let key = match authenticated {
             Ok(k) => k,
@@ -1270,11 +1276,12 @@ impl ProxyHttp for Gateway {
             .map(|(_, m)| m);
         let model_label = model.map_or("unknown", |m| m.name.as_str());
         let with_metrics = !self.config.ablate.metrics;
+        let latency = ctx.started.elapsed();
         if with_metrics {
             metrics::REQUESTS
                 .with_label_values(&[model_label, status_label(status)])
                 .inc();
-            metrics::REQUEST_DURATION.observe(ctx.started.elapsed().as_secs_f64());
+            metrics::REQUEST_DURATION.observe(latency.as_secs_f64());
             if let Some(fb) = ctx.first_byte {
                 metrics::TTFT.observe(fb.saturating_duration_since(ctx.started).as_secs_f64());
             }
@@ -1282,7 +1289,7 @@ impl ProxyHttp for Gateway {
         if self.config.ablate.usage {
             return;
         }
-        let Some((mut row, job)) = self.build_usage(ctx, status) else {
+        let Some((mut row, job)) = self.build_usage(ctx, status, latency) else {
             return;
         };
         if let Some(job) = job {

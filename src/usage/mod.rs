@@ -12,6 +12,7 @@ pub mod writer;
 pub use writer::{UsageSink, UsageWriter};
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use once_cell::sync::Lazy;
 
@@ -191,17 +192,28 @@ static NODE_TAG: Lazy<u32> = Lazy::new(|| {
 });
 static SEQ: AtomicU64 = AtomicU64::new(0);
 
-/// A unique, roughly time-ordered request id: `req_` + ms timestamp + node tag + sequence.
+/// A unique, roughly time-ordered request id: `req_` + ms timestamp + node tag + sequence,
+/// all lowercase hex (11, 8 and 8 digits).
 ///
-/// Cheap enough for every request (no syscall): the node tag is drawn once per process.
-pub fn new_request_id(now_ms: i64) -> String {
+/// Cheap enough for every request: no syscall (the node tag is drawn once per
+/// process) and one allocation, formatted on the stack.
+pub fn new_request_id(now_ms: i64) -> Arc<str> {
     let seq = SEQ.fetch_add(1, Ordering::Relaxed);
-    format!(
-        "req_{:011x}{:08x}{:08x}",
-        now_ms.max(0),
-        *NODE_TAG,
-        seq as u32
-    )
+    let mut id = *b"req_000000000000000000000000000";
+    // 11 hex digits of milliseconds last until the year 2527.
+    put_hex(&mut id[4..15], now_ms.max(0) as u64);
+    put_hex(&mut id[15..23], u64::from(*NODE_TAG));
+    put_hex(&mut id[23..31], u64::from(seq as u32));
+    Arc::from(std::str::from_utf8(&id).unwrap_or("req_"))
+}
+
+/// Writes the low `out.len()` hex digits of `v` into `out`, most significant first.
+fn put_hex(out: &mut [u8], mut v: u64) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for b in out.iter_mut().rev() {
+        *b = HEX[(v & 0xf) as usize];
+        v >>= 4;
+    }
 }
 
 #[cfg(test)]
@@ -231,5 +243,19 @@ mod tests {
         let b = new_request_id(1);
         assert_ne!(a, b);
         assert!(a.starts_with("req_"));
+    }
+
+    #[test]
+    fn request_ids_spell_time_node_and_sequence_in_hex() {
+        for ms in [0, 1, 0xabc, 1_764_000_000_000, 0x7ff_ffff_ffff, -5] {
+            let id = new_request_id(ms);
+            let seq = u32::from_str_radix(&id[23..], 16).unwrap();
+            let expected = format!("req_{:011x}{:08x}{:08x}", ms.max(0), *NODE_TAG, seq);
+            assert_eq!(&*id, expected);
+            // Ids sort by time: the digits are fixed-width.
+            assert_eq!(id.len(), 31);
+        }
+        let (a, b) = (new_request_id(1_000), new_request_id(1_001));
+        assert!(a < b);
     }
 }
