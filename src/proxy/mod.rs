@@ -76,8 +76,9 @@ pub struct Upstream {
     pub sni: String,
     /// Host header value.
     pub host: HeaderValue,
-    /// Base path, e.g. `/v1`.
-    pub path_prefix: String,
+    /// The path each endpoint is sent to (base path + suffix, e.g.
+    /// `/v1/chat/completions`), parsed once instead of per request.
+    uris: [http::Uri; 3],
     /// Resolved addresses, refreshed off the request path.
     pub addrs: ArcSwap<Vec<SocketAddr>>,
     next: AtomicUsize,
@@ -128,16 +129,39 @@ impl Upstream {
             Ok(ip) => vec![SocketAddr::new(ip, p.base_url.port)],
             Err(_) => Vec::new(),
         };
+        let uri = |ep: Endpoint| {
+            http::Uri::try_from(format!(
+                "{}{}",
+                p.base_url.path_prefix,
+                ep.upstream_suffix()
+            ))
+            .map_err(|_| format!("provider {}: invalid base_url path", p.name))
+        };
+        let uris = [
+            uri(Endpoint::ChatCompletions)?,
+            uri(Endpoint::Completions)?,
+            uri(Endpoint::Embeddings)?,
+        ];
         Ok(Upstream {
             tls: p.base_url.tls,
             sni: p.base_url.host.trim_matches(['[', ']']).to_owned(),
             host,
-            path_prefix: p.base_url.path_prefix.clone(),
+            uris,
             addrs: ArcSwap::from_pointee(addrs),
             next: AtomicUsize::new(0),
             auth,
             headers,
         })
+    }
+
+    /// Where `ep` goes on this provider (a clone shares the parsed bytes).
+    fn uri(&self, ep: Endpoint) -> http::Uri {
+        let [chat, completions, embeddings] = &self.uris;
+        match ep {
+            Endpoint::ChatCompletions => chat.clone(),
+            Endpoint::Completions => completions.clone(),
+            Endpoint::Embeddings => embeddings.clone(),
+        }
     }
 
     fn pick(&self) -> Option<SocketAddr> {
@@ -248,13 +272,19 @@ const DEGRADED_HEADER: &str = "x-ai4free-ratelimit";
 
 fn rate_headers(h: &mut ResponseHeader, v: &Verdict) -> Result<()> {
     if let Some(i) = &v.requests {
-        h.insert_header("x-ratelimit-limit-requests", i.limit.to_string())?;
-        h.insert_header("x-ratelimit-remaining-requests", i.remaining.to_string())?;
+        h.insert_header("x-ratelimit-limit-requests", HeaderValue::from(i.limit))?;
+        h.insert_header(
+            "x-ratelimit-remaining-requests",
+            HeaderValue::from(i.remaining),
+        )?;
         h.insert_header("x-ratelimit-reset-requests", limits::format_reset(i.reset))?;
     }
     if let Some(i) = &v.tokens {
-        h.insert_header("x-ratelimit-limit-tokens", i.limit.to_string())?;
-        h.insert_header("x-ratelimit-remaining-tokens", i.remaining.to_string())?;
+        h.insert_header("x-ratelimit-limit-tokens", HeaderValue::from(i.limit))?;
+        h.insert_header(
+            "x-ratelimit-remaining-tokens",
+            HeaderValue::from(i.remaining),
+        )?;
         h.insert_header("x-ratelimit-reset-tokens", limits::format_reset(i.reset))?;
     }
     Ok(())
@@ -1012,10 +1042,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
     ) -> Result<()> {
         let (p, up) = self.target(ctx)?;
-        let path = format!("{}{}", up.path_prefix, p.endpoint.upstream_suffix());
-        let uri = http::Uri::try_from(path)
-            .map_err(|_| Error::explain(ErrorType::InternalError, "bad upstream path"))?;
-        req.set_uri(uri);
+        req.set_uri(up.uri(p.endpoint));
         req.insert_header("host", up.host.clone())?;
         // The client's gateway key must never leave the gateway.
         req.remove_header("authorization");
@@ -1032,7 +1059,7 @@ impl ProxyHttp for Gateway {
         // We read usage out of the response; a compressed one would be opaque.
         req.insert_header("accept-encoding", "identity")?;
         req.remove_header("transfer-encoding");
-        req.insert_header("content-length", p.upstream_body.len().to_string())?;
+        req.insert_header("content-length", HeaderValue::from(p.upstream_body.len()))?;
         Ok(())
     }
 
