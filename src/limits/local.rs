@@ -12,12 +12,16 @@
 //! - Two sketches per window length alternate; the one for the next window is
 //!   cleared during the current one, so the turn of a window does not race with
 //!   counting. After a whole window with no traffic at all the sketch is cleared on
-//!   first use, and requests counted concurrently with that clear may be lost (at
-//!   most a few requests at the first instant after an idle window).
-//! - [`LocalLimiter::check`] counts first and rolls back a refusal, so concurrent
-//!   requests never over-admit; a request that is being rolled back can make a
-//!   concurrent one see the window full for an instant (a spurious refusal, never a
-//!   spurious admission).
+//!   first use, and requests arriving during that clear wait for it (tens of
+//!   microseconds, once per idle window) instead of counting into it and being lost.
+//! - [`LocalLimiter::check`] counts first and rolls back a refusal. A sketch row is
+//!   incremented atomically but the rows one after another, so callers racing at the
+//!   instant a window fills can each find a row still under the limit: at most one
+//!   request per concurrent caller beyond the first is over-admitted, once per
+//!   window (the admitted count is then over the limit in every row, and no later
+//!   request passes). A request being rolled back can make a concurrent one see the
+//!   window full for an instant (a spurious refusal). Redis, when configured, is the
+//!   exact count across nodes.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -267,31 +271,72 @@ impl Counters {
     /// The sketch counting window `number`, cleared first if it still holds an
     /// older window; `None` if it already counts a newer one (a late caller).
     /// Also clears the other sketch ahead of the next window.
+    ///
+    /// A clear is claimed by marking the sketch [`CLEARING`]; callers for the
+    /// window being cleared wait for it to end rather than count into a sketch
+    /// that is about to be zeroed, which would lose their count and over-admit.
+    /// Clears are rare (the next window's sketch is cleared ahead of time, so
+    /// only the first request after an idle window meets one) and take tens of
+    /// microseconds.
     fn sketch(&self, number: u64) -> Option<&Estimator> {
         let tag = number + 1;
         let i = (number % 2) as usize;
-        let held = self.holds[i].load(Ordering::Acquire);
-        if held > tag {
-            return None;
-        }
-        if held < tag
-            && self.holds[i]
-                .compare_exchange(held, tag, Ordering::AcqRel, Ordering::Acquire)
+        let mut spins = 0u32;
+        loop {
+            let held = self.holds[i].load(Ordering::Acquire);
+            if held & CLEARING != 0 {
+                if held & !CLEARING > tag {
+                    return None;
+                }
+                wait(&mut spins);
+                continue;
+            }
+            if held > tag {
+                return None;
+            }
+            if held == tag {
+                break;
+            }
+            if self.holds[i]
+                .compare_exchange(held, tag | CLEARING, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
-        {
-            self.sketches[i].reset();
+            {
+                self.sketches[i].reset();
+                self.holds[i].store(tag, Ordering::Release);
+                break;
+            }
         }
         // Prepare the next window's sketch now, while no one counts in it.
         let next = 1 - i;
         let held_next = self.holds[next].load(Ordering::Acquire);
-        if held_next < tag + 1
+        if held_next & CLEARING == 0
+            && held_next < tag + 1
             && self.holds[next]
-                .compare_exchange(held_next, tag + 1, Ordering::AcqRel, Ordering::Acquire)
+                .compare_exchange(
+                    held_next,
+                    (tag + 1) | CLEARING,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
                 .is_ok()
         {
             self.sketches[next].reset();
+            self.holds[next].store(tag + 1, Ordering::Release);
         }
         Some(&self.sketches[i])
+    }
+}
+
+/// Marks a sketch being cleared for the window number + 1 in the low bits.
+const CLEARING: u64 = 1 << 63;
+
+/// Spins briefly, then yields: the clearing thread may have been preempted.
+fn wait(spins: &mut u32) {
+    if *spins < 64 {
+        *spins += 1;
+        std::hint::spin_loop();
+    } else {
+        std::thread::yield_now();
     }
 }
 
@@ -510,25 +555,38 @@ mod tests {
     }
 
     #[test]
-    fn concurrent_requests_never_over_admit() {
-        let l = std::sync::Arc::new(LocalLimiter::new(1024));
-        let admitted = std::sync::Arc::new(AtomicU64::new(0));
-        let threads: Vec<_> = (0..4)
+    fn concurrent_requests_over_admit_at_most_one_per_racing_caller() {
+        // Fresh full-size counters each round, threads released together: the
+        // first requests of a window race the clear of its sketch, which once
+        // lost counts (up to 235 admitted of 100 in this test).
+        const THREADS: u64 = 4;
+        let rounds: Vec<u64> = (0..50)
             .map(|_| {
-                let (l, admitted) = (l.clone(), admitted.clone());
-                std::thread::spawn(move || {
-                    for _ in 0..1000 {
-                        if matches!(l.check("k", &rpm(500), T0), Some(Decision::Allow(_))) {
-                            admitted.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                })
+                let l = std::sync::Arc::new(LocalLimiter::new(DEFAULT_SLOTS));
+                let admitted = std::sync::Arc::new(AtomicU64::new(0));
+                let start = std::sync::Arc::new(std::sync::Barrier::new(THREADS as usize));
+                let threads: Vec<_> = (0..THREADS)
+                    .map(|_| {
+                        let (l, admitted, start) = (l.clone(), admitted.clone(), start.clone());
+                        std::thread::spawn(move || {
+                            start.wait();
+                            for _ in 0..200 {
+                                if matches!(l.check("k", &rpm(100), T0), Some(Decision::Allow(_))) {
+                                    admitted.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                        })
+                    })
+                    .collect();
+                for t in threads {
+                    t.join().unwrap();
+                }
+                admitted.load(Ordering::Relaxed)
             })
             .collect();
-        for t in threads {
-            t.join().unwrap();
-        }
-        let n = admitted.load(Ordering::Relaxed);
-        assert!(n <= 500 && n > 490, "{n}");
+        assert!(
+            rounds.iter().all(|&n| n > 90 && n < 100 + THREADS),
+            "{rounds:?}"
+        );
     }
 }
