@@ -13,8 +13,8 @@
 //! 3. large (~50 KB) prompts; 4. streaming: TTFB, gaps between chunks, total, with
 //!    provider-reported usage and with the counting fallback;
 //! 5. peak RSS with 1,000 concurrent open streams: bare, the gateway with
-//!    provider-reported usage (token tables not built: nothing counts), and the
-//!    gateway that counts every stream (tables built at start).
+//!    provider-reported usage (nothing counts: the token tables' pages are never
+//!    touched), and the gateway that counts every stream.
 //!
 //! Run with `./scripts/bench.sh` (builds the release binaries first). Results are
 //! printed as Markdown and written to `bench-results/latest.md`.

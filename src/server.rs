@@ -87,7 +87,7 @@ impl App {
         } else {
             log::info!(
                 "no tier limits tokens or spend and every provider reports stream usage: \
-                 token tables are built on first use"
+                 tokenizers are loaded on first use"
             );
         }
         // Redis being down does not stop start-up: the limiter starts degraded.
@@ -105,12 +105,13 @@ impl App {
 /// Whether this config counts tokens in the normal course: a tier limits tokens
 /// or spend (every prompt is counted at admission), or a provider streams
 /// without a usage report (every streamed completion is counted). Then the
-/// token tables (12.7 MB for o200k_base, ~0.2 s to build) are built before
-/// listening, so no request waits for them. Otherwise counting is the rare
-/// fallback (a key override that limits tokens, an answer without `usage`, a
-/// stream the client left) and the tables are built the first time one needs
-/// them, once per process: a gateway in front of providers that report usage
-/// does not hold them at all.
+/// tokenizers are loaded before listening, so no request waits for them: the
+/// BPE tables are read in place from the binary, but each pre-tokenizer's
+/// regex is compiled. Otherwise counting is the rare fallback (a key override
+/// that limits tokens, an answer without `usage`, a stream the client left)
+/// and a tokenizer is loaded the first time one needs it, once per process:
+/// a gateway in front of providers that report usage never touches its
+/// tables' pages.
 pub fn counts_at_admission_or_stream(config: &Config) -> bool {
     let keyless = crate::keys::KeyLimits::default();
     config

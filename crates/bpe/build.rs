@@ -1,17 +1,23 @@
-//! Extracts the token vocabularies of the encodings the gateway counts with
-//! from tiktoken-rs (OpenAI's own vocabulary files, the reference our counts
-//! are tested against) into a compact file per encoding in `OUT_DIR`, which
-//! `src/lib.rs` embeds with `include_bytes!`.
+//! Builds the tables of the encodings the gateway counts with, from
+//! tiktoken-rs's vocabularies (OpenAI's own files, the reference our counts
+//! are tested against), and writes each as a blob in `OUT_DIR` that
+//! `src/lib.rs` embeds with `include_bytes!` and reads in place.
 //!
-//! The format is `n` (u32, little endian), then `n` token lengths (one byte
-//! each), then the `n` tokens' bytes concatenated, all in rank order. Done at
-//! build time so that the running gateway neither parses base64 vocabularies
-//! nor builds tiktoken's hash maps, and keeps only the compact tables.
+//! Done at build time so that the running gateway neither parses base64
+//! vocabularies nor builds tables: loading an encoding costs nothing, and its
+//! tables are read-only pages of the binary rather than heap.
 
 use std::path::PathBuf;
 
+#[allow(dead_code)]
+#[path = "src/tables.rs"]
+mod tables;
+
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
+    println!("cargo::rerun-if-changed=src/tables.rs");
+    // The blob holds numbers in the target's byte order, read in place.
+    let big_endian = std::env::var("CARGO_CFG_TARGET_ENDIAN").as_deref() == Ok("big");
     let Some(out_dir) = std::env::var_os("OUT_DIR") else {
         fail("OUT_DIR is not set");
     };
@@ -23,14 +29,18 @@ fn main() {
     for (name, bpe) in encodings {
         let bpe = bpe.unwrap_or_else(|e| fail(&format!("tiktoken-rs {name}: {e}")));
         let file = vocabulary(name, &bpe);
-        let path = out_dir.join(format!("{name}.vocab"));
-        std::fs::write(&path, file)
+        let tables =
+            tables::Builder::from_vocab(&file).unwrap_or_else(|e| fail(&format!("{name}: {e}")));
+        let path = out_dir.join(format!("{name}.bpe"));
+        std::fs::write(&path, tables.blob(big_endian))
             .unwrap_or_else(|e| fail(&format!("writing {}: {e}", path.display())));
     }
 }
 
-/// Ordinary tokens have the ranks 0..n with no gap; special tokens sit above
-/// them and are not part of ordinary encoding, so they are left out.
+/// The vocabulary in [`tables::Builder::from_vocab`]'s format: `n` (u32 LE),
+/// `n` token lengths (u8), then the tokens' bytes, in rank order. Ordinary
+/// tokens have the ranks 0..n with no gap; special tokens sit above them and
+/// are not part of ordinary encoding, so they are left out.
 fn vocabulary(name: &str, bpe: &tiktoken_rs::CoreBPE) -> Vec<u8> {
     let mut lens = Vec::new();
     let mut bytes = Vec::new();

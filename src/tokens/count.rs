@@ -117,18 +117,18 @@ struct Encoding {
     pattern: Pattern,
 }
 
-// One lazily-loaded encoding each: loading builds the tables from the
-// embedded vocabulary, so it must happen once per process, never per call. A
-// load failure is stored as `None` (and logged) instead of panicking; startup
-// calls `warm_up` + `is_available` and refuses to start when an encoding is
-// missing.
+// One lazily-loaded encoding each: the BPE tables are read in place from the
+// binary (free), but the pre-tokenizer's regex is compiled, so loading must
+// happen once per process, never per call. A load failure is stored as `None`
+// (and logged) instead of panicking; startup calls `warm_up` + `is_available`
+// and refuses to start when an encoding is missing.
 static O200K_BASE: Lazy<Option<Encoding>> =
     Lazy::new(|| load("o200k_base", ai4free_bpe::O200K_BASE, Pattern::O200k));
 static CL100K_BASE: Lazy<Option<Encoding>> =
     Lazy::new(|| load("cl100k_base", ai4free_bpe::CL100K_BASE, Pattern::Cl100k));
 
-fn load(name: &str, vocab: &'static [u8], pattern: Pattern) -> Option<Encoding> {
-    let bpe = Bpe::from_vocab(vocab)
+fn load(name: &str, tables: &'static [u8], pattern: Pattern) -> Option<Encoding> {
+    let bpe = Bpe::from_blob(tables)
         .map_err(|e| log::error!("failed to load the {name} tokenizer: {e}"))
         .ok()?;
     let pre = Pretokenizer::new(pattern)
