@@ -297,33 +297,31 @@ impl Counters {
             if held == tag {
                 break;
             }
-            if self.holds[i]
-                .compare_exchange(held, tag | CLEARING, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-            {
-                self.sketches[i].reset();
-                self.holds[i].store(tag, Ordering::Release);
+            if self.clear(i, held, tag) {
                 break;
             }
         }
         // Prepare the next window's sketch now, while no one counts in it.
         let next = 1 - i;
         let held_next = self.holds[next].load(Ordering::Acquire);
-        if held_next & CLEARING == 0
-            && held_next < tag + 1
-            && self.holds[next]
-                .compare_exchange(
-                    held_next,
-                    (tag + 1) | CLEARING,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                )
-                .is_ok()
-        {
-            self.sketches[next].reset();
-            self.holds[next].store(tag + 1, Ordering::Release);
+        if held_next & CLEARING == 0 && held_next < tag + 1 {
+            self.clear(next, held_next, tag + 1);
         }
         Some(&self.sketches[i])
+    }
+
+    /// Clears sketch `i` for window tag `tag` if it still holds `held`: marks it
+    /// [`CLEARING`] for the duration, so that callers for `tag` wait. False if
+    /// another caller changed it first.
+    fn clear(&self, i: usize, held: u64, tag: u64) -> bool {
+        let claimed = self.holds[i]
+            .compare_exchange(held, tag | CLEARING, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if claimed {
+            self.sketches[i].reset();
+            self.holds[i].store(tag, Ordering::Release);
+        }
+        claimed
     }
 }
 

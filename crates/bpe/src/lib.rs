@@ -26,7 +26,7 @@
 
 pub mod tables;
 
-pub use tables::{TableError, Tables, MAX_TOKENS};
+pub use tables::{TableError, Tables};
 
 use std::cell::RefCell;
 

@@ -18,7 +18,7 @@
 use bytemuck::Pod;
 
 /// "No token" (and "no cell") in the `u32` tables.
-pub const NONE: u32 = u32::MAX;
+pub(crate) const NONE: u32 = u32::MAX;
 
 const MAGIC: &[u8; 8] = b"ai4fbpe1";
 const HEADER: usize = MAGIC.len() + 4 * 8;
@@ -29,7 +29,7 @@ const RANK_BITS: u32 = 21;
 const RANK_MASK: u64 = (1 << RANK_BITS) - 1;
 const EMPTY: u64 = u64::MAX;
 /// Ranks run below this (o200k_base has 199,998).
-pub const MAX_TOKENS: usize = (1 << RANK_BITS) - 1;
+pub(crate) const MAX_TOKENS: usize = (1 << RANK_BITS) - 1;
 
 /// Fields of a trie cell.
 const BASE: usize = 0;
@@ -168,10 +168,7 @@ impl<'t> Tables<'t> {
     /// The token that merging `left` and `right` makes, if BPE has that merge.
     pub(crate) fn merged(&self, left: u32, right: u32) -> Option<u32> {
         let key = (u64::from(left) << RANK_BITS) | u64::from(right);
-        let mask = self.merges.len().wrapping_sub(1);
-        let mut slot = home(left, right, self.shift);
-        // Bounded, so that even a damaged (full) table ends the probe.
-        for _ in 0..self.merges.len() {
+        for slot in probe(self.merges.len(), left, right, self.shift) {
             let entry = *self.merges.get(slot)?;
             if entry == EMPTY {
                 return None;
@@ -179,7 +176,6 @@ impl<'t> Tables<'t> {
             if entry >> RANK_BITS == key {
                 return Some((entry & RANK_MASK) as u32);
             }
-            slot = (slot + 1) & mask;
         }
         None
     }
@@ -276,10 +272,14 @@ impl<'t> Tables<'t> {
     }
 }
 
-/// The merge table's home slot of a pair.
-fn home(left: u32, right: u32, shift: u32) -> usize {
+/// The slots of a `slots`-long merge table that a pair's probe visits: its
+/// home slot by Fibonacci hashing, then the next ones, wrapping, each once (so
+/// that even a damaged, full table ends the probe).
+fn probe(slots: usize, left: u32, right: u32, shift: u32) -> impl Iterator<Item = usize> {
     let key = (u64::from(left) << 32) | u64::from(right);
-    (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> shift) as usize
+    let home = (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> shift) as usize;
+    let mask = slots.wrapping_sub(1);
+    (0..slots).map(move |i| home.wrapping_add(i) & mask)
 }
 
 /// The next `count` `T`s of the blob at `*at`, moving `*at` past them to the
@@ -395,66 +395,55 @@ impl<'v> Builder<'v> {
         let entry = (u64::from(left) << (2 * RANK_BITS))
             | (u64::from(right) << RANK_BITS)
             | u64::from(merged);
-        let mask = self.merges.len() - 1;
-        let mut slot = home(left, right, self.shift);
-        while let Some(cell) = self.merges.get_mut(slot) {
-            if *cell == EMPTY {
+        for slot in probe(self.merges.len(), left, right, self.shift) {
+            if let Some(cell) = self.merges.get_mut(slot).filter(|cell| **cell == EMPTY) {
                 *cell = entry;
                 return;
             }
-            slot = (slot + 1) & mask;
         }
     }
 
     /// The blob of these tables, numbers in the given byte order.
     pub fn blob(&self, big_endian: bool) -> Vec<u8> {
-        let mut out = Vec::new();
-        let word = |out: &mut Vec<u8>, v: u64| {
-            out.extend_from_slice(&if big_endian {
-                v.to_be_bytes()
-            } else {
-                v.to_le_bytes()
-            })
+        let mut out = Blob {
+            bytes: MAGIC.to_vec(),
+            swap: big_endian != cfg!(target_endian = "big"),
         };
-        let half = |out: &mut Vec<u8>, v: u32| {
-            out.extend_from_slice(&if big_endian {
-                v.to_be_bytes()
-            } else {
-                v.to_le_bytes()
-            })
-        };
-        let pad = |out: &mut Vec<u8>| out.resize(out.len().next_multiple_of(8), 0);
-        out.extend_from_slice(MAGIC);
-        for count in [
+        let counts = [
             self.starts.len() - 1,
             self.bytes.len(),
             self.cells.len(),
             self.merges.len(),
-        ] {
-            word(&mut out, count as u64);
+        ]
+        .map(|count| count as u64);
+        out.put(&counts, 8);
+        out.put(&self.starts, 4);
+        out.put(&self.next_prefix, 4);
+        out.put(&self.split, 4);
+        out.put(&self.cells, 4);
+        out.put(&self.merges, 8);
+        out.put(self.bytes, 1);
+        out.bytes
+    }
+}
+
+/// A blob being written: each section starts 8-aligned.
+struct Blob {
+    bytes: Vec<u8>,
+    /// Whether the target's byte order is not this machine's.
+    swap: bool,
+}
+
+impl Blob {
+    /// Appends `values`, made of numbers `word` bytes wide, in the target's
+    /// byte order, then pads to 8 bytes.
+    fn put<T: Pod>(&mut self, values: &[T], word: usize) {
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(bytemuck::cast_slice(values));
+        if let (true, Some(new)) = (self.swap, self.bytes.get_mut(start..)) {
+            new.chunks_exact_mut(word).for_each(<[u8]>::reverse);
         }
-        for v in &self.starts {
-            half(&mut out, *v);
-        }
-        pad(&mut out);
-        for v in &self.next_prefix {
-            half(&mut out, *v);
-        }
-        pad(&mut out);
-        for v in self.split.iter().flatten() {
-            half(&mut out, *v);
-        }
-        pad(&mut out);
-        for v in self.cells.iter().flatten() {
-            half(&mut out, *v);
-        }
-        pad(&mut out);
-        for v in &self.merges {
-            word(&mut out, *v);
-        }
-        out.extend_from_slice(self.bytes);
-        pad(&mut out);
-        out
+        self.bytes.resize(self.bytes.len().next_multiple_of(8), 0);
     }
 }
 
