@@ -1286,6 +1286,11 @@ async fn rollup_equals_a_direct_aggregation(store: Arc<dyn Store>) {
     store.insert_usage(&rows[..70]).await.unwrap();
     // Replays and duplicates: the overlap and the in-batch twin must not count twice.
     store.insert_usage(&rows[..70]).await.unwrap();
+    // A batch whose only stored row comes last, after more fresh rows than one
+    // multi-row statement holds: the fresh rows count once, the stored one not again.
+    let mut late_replay = rows[70..110].to_vec();
+    late_replay.push(rows[5].clone());
+    store.insert_usage(&late_replay).await.unwrap();
     store.insert_usage(&rows[50..]).await.unwrap();
     let twin = [rows[3].clone(), rows[3].clone()];
     store.insert_usage(&twin).await.unwrap();
