@@ -389,9 +389,18 @@ pub const DAY_RANGE: std::ops::RangeInclusive<i64> = -719_162..=2_932_896;
 /// The UTC calendar day of a Unix-ms instant as `YYYY-MM-DD`; instants outside
 /// years 1..=9999 are clamped to the first or last day.
 pub fn day_of_ms(ms: i64) -> String {
-    let days = ms
-        .div_euclid(86_400_000)
-        .clamp(*DAY_RANGE.start(), *DAY_RANGE.end());
+    day_text(day_number(ms))
+}
+
+/// The day [`day_of_ms`] names, as days from 1970-01-01 (clamped to [`DAY_RANGE`]):
+/// cheap to compare where many instants fall on few days.
+pub fn day_number(ms: i64) -> i64 {
+    ms.div_euclid(86_400_000)
+        .clamp(*DAY_RANGE.start(), *DAY_RANGE.end())
+}
+
+/// `YYYY-MM-DD` of a day in [`DAY_RANGE`], counted from 1970-01-01.
+pub fn day_text(days: i64) -> String {
     // Howard Hinnant's civil_from_days: exact for the proleptic Gregorian calendar.
     let z = days + 719_468;
     let era = z.div_euclid(146_097);

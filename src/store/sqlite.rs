@@ -15,8 +15,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::sql::{self, hash32, json_text, to_i64, Dialect, SqlArg, KEY_COLS, USAGE_COLS};
 use super::{
-    day_of_ms, AuditEntry, AuditPage, AuditQuery, KeyFilter, KeyPage, KeyPatch, ReportRow,
-    RollupQuery, RollupRow, Store, StoreError, UsageQuery,
+    day_number, day_of_ms, day_text, AuditEntry, AuditPage, AuditQuery, KeyFilter, KeyPage,
+    KeyPatch, ReportRow, RollupQuery, RollupRow, Store, StoreError, UsageQuery,
 };
 use crate::keys::KeyRecord;
 use crate::usage::{TokenSource, UsageRecord};
@@ -443,7 +443,7 @@ fn insert_usage_sql(n: usize) -> String {
     )
 }
 
-/// Parameters per usage row (the columns of `USAGE_COLS`).
+/// Parameters per usage row: the columns of `USAGE_COLS`, bound by [`bind_usage`].
 const USAGE_PARAMS: usize = 18;
 
 static INSERT_ONE: Lazy<String> = Lazy::new(|| insert_usage_sql(1));
@@ -538,7 +538,7 @@ impl<'a> Rollup<'a> {
             to_i64(r.completion_tokens),
             r.cost_pusd,
         );
-        let day = r.started_at_ms.div_euclid(86_400_000);
+        let day = day_number(r.started_at_ms);
         match &mut self.run {
             Some((rd, rk, rm, sum)) if *rd == day && *rk == r.key_id && *rm == r.model => {
                 sum.add(&d)
@@ -553,11 +553,7 @@ impl<'a> Rollup<'a> {
 
     fn close(cells: &mut DailyCells, (day, key_id, model, sum): (i64, &str, &str, Daily)) {
         cells
-            .entry((
-                day_of_ms(day.saturating_mul(86_400_000)),
-                key_id.to_owned(),
-                model.to_owned(),
-            ))
+            .entry((day_text(day), key_id.to_owned(), model.to_owned()))
             .or_default()
             .add(&sum);
     }
@@ -665,16 +661,15 @@ impl Store for SqliteStore {
             let tx = c
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
                 .map_err(db_err)?;
-            let cells = match insert_usage_chunked(&tx, &rows)? {
-                Some(cells) => cells,
+            let (tx, cells) = match insert_usage_chunked(&tx, &rows)? {
+                Some(cells) => (tx, cells),
                 None => {
                     tx.rollback().map_err(db_err)?;
                     let tx = c
                         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
                         .map_err(db_err)?;
                     let cells = insert_usage_rows(&tx, &rows)?;
-                    add_daily(&tx, &cells)?;
-                    return tx.commit().map_err(db_err);
+                    (tx, cells)
                 }
             };
             add_daily(&tx, &cells)?;
@@ -1008,6 +1003,15 @@ impl Store for SqliteStore {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_usage_row_binds_one_parameter_per_column() {
+        assert_eq!(USAGE_COLS.split(',').count(), USAGE_PARAMS);
+        assert_eq!(
+            INSERT_MANY.matches('?').count(),
+            USAGE_PARAMS * INSERT_CHUNK
+        );
+    }
     use crate::store::conformance::{rollup_fixture, rollup_model, rollup_queries};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
