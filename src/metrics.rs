@@ -78,6 +78,50 @@ pub static COST_USD: Lazy<CounterVec> = Lazy::new(|| {
     )
 });
 
+/// One configured model's series, resolved once when the gateway starts.
+/// `with_label_values` hashes its labels and takes the vector's lock on every
+/// call; a proxied request bumps four series, so it holds the handles instead.
+/// Creating them up front also exports each model's series at zero from the
+/// start, so a rate over them is defined before its first request.
+pub struct ModelCounters {
+    model: String,
+    ok: IntCounter,
+    prompt_tokens: IntCounter,
+    completion_tokens: IntCounter,
+    cost_usd: prometheus::Counter,
+}
+
+impl ModelCounters {
+    /// The series of `model` (a configured name).
+    pub fn new(model: &str) -> ModelCounters {
+        ModelCounters {
+            model: model.to_owned(),
+            ok: REQUESTS.with_label_values(&[model, "200"]),
+            prompt_tokens: TOKENS.with_label_values(&[model, "prompt"]),
+            completion_tokens: TOKENS.with_label_values(&[model, "completion"]),
+            cost_usd: COST_USD.with_label_values(&[model]),
+        }
+    }
+
+    /// One request that ended with `status` (its label, from the fixed set).
+    pub fn request(&self, status: u16, status_label: &str) {
+        if status == 200 {
+            self.ok.inc();
+        } else {
+            REQUESTS
+                .with_label_values(&[self.model.as_str(), status_label])
+                .inc();
+        }
+    }
+
+    /// What one request was billed.
+    pub fn billed(&self, prompt_tokens: u64, completion_tokens: u64, cost_usd: f64) {
+        self.prompt_tokens.inc_by(prompt_tokens);
+        self.completion_tokens.inc_by(completion_tokens);
+        self.cost_usd.inc_by(cost_usd);
+    }
+}
+
 /// Requests refused by a limit, by limit name.
 pub static RATE_LIMITED: Lazy<IntCounterVec> = Lazy::new(|| {
     counter_vec(
@@ -304,5 +348,19 @@ mod tests {
         ] {
             assert!(names.iter().any(|x| x == n), "{n} missing: {names:?}");
         }
+    }
+
+    #[test]
+    fn model_counters_feed_the_labelled_series() {
+        let c = ModelCounters::new("counters-test");
+        c.request(200, "200");
+        c.request(200, "200");
+        c.request(429, "429");
+        c.billed(3, 4, 0.5);
+        let get = |status| REQUESTS.with_label_values(&["counters-test", status]).get();
+        assert_eq!((get("200"), get("429")), (2, 1));
+        let tokens = |kind| TOKENS.with_label_values(&["counters-test", kind]).get();
+        assert_eq!((tokens("prompt"), tokens("completion")), (3, 4));
+        assert_eq!(COST_USD.with_label_values(&["counters-test"]).get(), 0.5);
     }
 }

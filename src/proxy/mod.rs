@@ -190,6 +190,8 @@ pub struct Gateway {
     pub store: Arc<dyn Store>,
     /// With `bench_ablate: [auth]`, the one key every request runs as.
     pub bench_key: Option<Arc<KeyEntry>>,
+    /// Each configured model's metric series, by provider and model index.
+    counters: Arc<Vec<Vec<metrics::ModelCounters>>>,
 }
 
 impl Gateway {
@@ -213,7 +215,18 @@ impl Gateway {
         for name in config.ablate.names() {
             log::warn!("bench_ablate: {name} is OFF; this configuration is for benchmarks only");
         }
+        let counters = config
+            .providers
+            .iter()
+            .map(|p| {
+                p.models
+                    .iter()
+                    .map(|m| metrics::ModelCounters::new(&m.name))
+                    .collect()
+            })
+            .collect();
         Gateway {
+            counters: Arc::new(counters),
             config,
             keys,
             limiter,
@@ -1296,18 +1309,22 @@ impl ProxyHttp for Gateway {
         if self.config.ablate.usage && self.config.ablate.metrics {
             return;
         }
-        let model = ctx
-            .prepared
-            .as_ref()
-            .and_then(|p| self.model_of(p))
-            .map(|(_, m)| m);
-        let model_label = model.map_or("unknown", |m| m.name.as_str());
-        let with_metrics = !self.config.ablate.metrics;
+        let target = ctx.prepared.as_ref().and_then(|p| {
+            let (_, model) = self.model_of(p)?;
+            Some((model, self.counters.get(p.provider)?.get(p.model)?))
+        });
+        let model = target.map(|(m, _)| m);
+        let counters = target
+            .map(|(_, c)| c)
+            .filter(|_| !self.config.ablate.metrics);
         let latency = ctx.started.elapsed();
-        if with_metrics {
-            metrics::REQUESTS
-                .with_label_values(&[model_label, status_label(status)])
-                .inc();
+        if !self.config.ablate.metrics {
+            match counters {
+                Some(c) => c.request(status, status_label(status)),
+                None => metrics::REQUESTS
+                    .with_label_values(&["unknown", status_label(status)])
+                    .inc(),
+            }
             metrics::REQUEST_DURATION.observe(latency.as_secs_f64());
             if let Some(fb) = ctx.first_byte {
                 metrics::TTFT.observe(fb.saturating_duration_since(ctx.started).as_secs_f64());
@@ -1346,16 +1363,12 @@ impl ProxyHttp for Gateway {
             );
             self.limiter.settle(t, &actual);
         }
-        if with_metrics && row.token_source != TokenSource::None {
-            metrics::TOKENS
-                .with_label_values(&[model_label, "prompt"])
-                .inc_by(row.prompt_tokens);
-            metrics::TOKENS
-                .with_label_values(&[model_label, "completion"])
-                .inc_by(row.completion_tokens);
-            metrics::COST_USD
-                .with_label_values(&[model_label])
-                .inc_by(row.cost_pusd as f64 / 1e12);
+        if let Some(c) = counters.filter(|_| row.token_source != TokenSource::None) {
+            c.billed(
+                row.prompt_tokens,
+                row.completion_tokens,
+                row.cost_pusd as f64 / 1e12,
+            );
         }
         self.usage.record(row);
     }
