@@ -103,13 +103,13 @@ impl ModelCounters {
         }
     }
 
-    /// One request that ended with `status` (its label, from the fixed set).
-    pub fn request(&self, status: u16, status_label: &str) {
+    /// One request that ended with `status`.
+    pub fn request(&self, status: u16) {
         if status == 200 {
             self.ok.inc();
         } else {
             REQUESTS
-                .with_label_values(&[self.model.as_str(), status_label])
+                .with_label_values(&[self.model.as_str(), status_label(status)])
                 .inc();
         }
     }
@@ -119,6 +119,30 @@ impl ModelCounters {
         self.prompt_tokens.inc_by(prompt_tokens);
         self.completion_tokens.inc_by(completion_tokens);
         self.cost_usd.inc_by(cost_usd);
+    }
+}
+
+/// The `status` label: the codes the gateway answers with, else their class,
+/// so the label set stays bounded.
+pub fn status_label(status: u16) -> &'static str {
+    match status {
+        0 => "0",
+        200 => "200",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        413 => "413",
+        429 => "429",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        s if s < 300 => "2xx",
+        s if s < 400 => "3xx",
+        s if s < 500 => "4xx",
+        _ => "5xx",
     }
 }
 
@@ -353,9 +377,9 @@ mod tests {
     #[test]
     fn model_counters_feed_the_labelled_series() {
         let c = ModelCounters::new("counters-test");
-        c.request(200, "200");
-        c.request(200, "200");
-        c.request(429, "429");
+        c.request(200);
+        c.request(200);
+        c.request(429);
         c.billed(3, 4, 0.5);
         let get = |status| REQUESTS.with_label_values(&["counters-test", status]).get();
         assert_eq!((get("200"), get("429")), (2, 1));

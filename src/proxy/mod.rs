@@ -191,7 +191,7 @@ pub struct Gateway {
     /// With `bench_ablate: [auth]`, the one key every request runs as.
     pub bench_key: Option<Arc<KeyEntry>>,
     /// Each configured model's metric series, by provider and model index.
-    counters: Arc<Vec<Vec<metrics::ModelCounters>>>,
+    counters: Vec<Vec<metrics::ModelCounters>>,
 }
 
 impl Gateway {
@@ -226,7 +226,7 @@ impl Gateway {
             })
             .collect();
         Gateway {
-            counters: Arc::new(counters),
+            counters,
             config,
             keys,
             limiter,
@@ -1314,15 +1314,14 @@ impl ProxyHttp for Gateway {
             Some((model, self.counters.get(p.provider)?.get(p.model)?))
         });
         let model = target.map(|(m, _)| m);
-        let counters = target
-            .map(|(_, c)| c)
-            .filter(|_| !self.config.ablate.metrics);
+        let counters = target.map(|(_, c)| c);
+        let with_metrics = !self.config.ablate.metrics;
         let latency = ctx.started.elapsed();
-        if !self.config.ablate.metrics {
+        if with_metrics {
             match counters {
-                Some(c) => c.request(status, status_label(status)),
+                Some(c) => c.request(status),
                 None => metrics::REQUESTS
-                    .with_label_values(&["unknown", status_label(status)])
+                    .with_label_values(&["unknown", metrics::status_label(status)])
                     .inc(),
             }
             metrics::REQUEST_DURATION.observe(latency.as_secs_f64());
@@ -1363,7 +1362,8 @@ impl ProxyHttp for Gateway {
             );
             self.limiter.settle(t, &actual);
         }
-        if let Some(c) = counters.filter(|_| row.token_source != TokenSource::None) {
+        let billed = row.token_source != TokenSource::None;
+        if let Some(c) = counters.filter(|_| with_metrics && billed) {
             c.billed(
                 row.prompt_tokens,
                 row.completion_tokens,
@@ -1380,26 +1380,4 @@ fn key_id_of(ctx: &Ctx) -> &str {
 
 fn request_id_of(ctx: &Ctx) -> &str {
     ctx.request_id.as_deref().unwrap_or_default()
-}
-
-fn status_label(status: u16) -> &'static str {
-    match status {
-        0 => "0",
-        200 => "200",
-        400 => "400",
-        401 => "401",
-        403 => "403",
-        404 => "404",
-        405 => "405",
-        413 => "413",
-        429 => "429",
-        500 => "500",
-        502 => "502",
-        503 => "503",
-        504 => "504",
-        s if s < 300 => "2xx",
-        s if s < 400 => "3xx",
-        s if s < 500 => "4xx",
-        _ => "5xx",
-    }
 }
