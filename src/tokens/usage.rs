@@ -13,6 +13,7 @@
 
 use std::fmt;
 
+use once_cell::sync::Lazy;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
@@ -36,16 +37,94 @@ pub struct Usage {
 /// `None` when the body is not a JSON object, has no `usage`, or `usage` is
 /// null or malformed. An explicit usage of zeros is `Some` with zeros: a
 /// reported figure is never replaced by an estimate.
+///
+/// Providers write `usage` after `choices`, near the end of the body, so it is
+/// read from the tail ([`usage_from_tail`]): the completion in front of it is
+/// scanned (SIMD) for one byte string but never parsed, which cut the read to
+/// a third on the mock's 883-byte body and keeps it flat as completions grow.
+/// Bodies the tail cannot settle get the whole-document parse. On a
+/// well-formed document both give the same answer (tested differentially).
 pub fn usage_from_response_body(body: &[u8]) -> Option<Usage> {
-    #[derive(Deserialize)]
-    struct Body {
-        #[serde(default)]
-        usage: Option<RawUsage>,
+    match usage_from_tail(body) {
+        Some(found) => found,
+        None => usage_from_whole_body(body),
     }
-    serde_json::from_slice::<Body>(body)
-        .ok()?
-        .usage
-        .map(Usage::from)
+}
+
+/// The whole-document parse: every byte is validated.
+fn usage_from_whole_body(body: &[u8]) -> Option<Usage> {
+    // serde would also fill the struct from an array, taking `usage` from its
+    // first element: an array body has no usage.
+    if body.get(skip_ws(body, 0)) != Some(&b'{') {
+        return None;
+    }
+    parse_body(body).ok()?.usage.map(Usage::from)
+}
+
+/// `Some(answer)` when the body is an object whose only `"usage"` token is a
+/// member closed by the body's final `}`; `None` (undecided) otherwise.
+///
+/// Why that is enough: inside a JSON string a `"` is always escaped, so the
+/// bytes `"usage"` with an unescaped first quote can only be the string token
+/// `usage`, and followed by `:` only a key. If `{` followed by the body from
+/// that key on parses as one object ending the body, the key sits in the
+/// object the body closes last: the top-level one. One `"usage"` anywhere else
+/// (a duplicate key, a nested object, a string value) leaves the decision to
+/// the whole-document parse, which rejects duplicates. What is not checked is
+/// the part in front of `usage`: a body malformed only there still yields the
+/// provider's figure, where the whole parse would have given up and counted
+/// tokens instead.
+fn usage_from_tail(body: &[u8]) -> Option<Option<Usage>> {
+    /// Tails up to this size are rebuilt on the stack (the usage object and the
+    /// members after it are a few hundred bytes).
+    const STACK_TAIL: usize = 1024;
+    static KEY: Lazy<memchr::memmem::Finder<'static>> =
+        Lazy::new(|| memchr::memmem::Finder::new(b"\"usage\""));
+    if body.get(skip_ws(body, 0)) != Some(&b'{') {
+        return None;
+    }
+    // One forward pass (SIMD) finds the first occurrence and proves it the only one.
+    let at = KEY.find(body)?;
+    if KEY.find(&body[at + 1..]).is_some() {
+        return None;
+    }
+    let escapes = body[..at].iter().rev().take_while(|&&b| b == b'\\').count();
+    if escapes % 2 == 1 {
+        return None;
+    }
+    let tail = &body[at..];
+    let mut stack = [0u8; STACK_TAIL];
+    let heap: Vec<u8>;
+    let doc: &[u8] = if tail.len() < STACK_TAIL {
+        stack[0] = b'{';
+        stack[1..=tail.len()].copy_from_slice(tail);
+        &stack[..=tail.len()]
+    } else {
+        heap = [&b"{"[..], tail].concat();
+        &heap
+    };
+    parse_body(doc).ok().map(|b| b.usage.map(Usage::from))
+}
+
+/// The top-level object, of which only `usage` is read.
+#[derive(Deserialize)]
+struct Body {
+    #[serde(default)]
+    usage: Option<RawUsage>,
+}
+
+fn parse_body(doc: &[u8]) -> serde_json::Result<Body> {
+    serde_json::from_slice(doc)
+}
+
+fn skip_ws(body: &[u8], mut pos: usize) -> usize {
+    while body
+        .get(pos)
+        .is_some_and(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+    {
+        pos += 1;
+    }
+    pos
 }
 
 #[derive(Deserialize)]
@@ -1092,6 +1171,129 @@ mod tests {
             br#"{"usage":"lots"}"#,
         ] {
             assert_eq!(usage_from_response_body(none), None);
+        }
+    }
+
+    #[test]
+    fn usage_is_read_from_the_tail_only_where_the_tail_settles_it() {
+        let five = Some(Usage {
+            prompt_tokens: 5,
+            ..Usage::default()
+        });
+        let cases: [(&[u8], Option<Usage>); 9] = [
+            // A quoted `"usage"` inside the completion is escaped: not a key.
+            (
+                br#"{"choices":[{"message":{"content":"say \"usage\": {\"prompt_tokens\": 9}"}}],"usage":{"prompt_tokens":5}}"#,
+                five,
+            ),
+            (br#" {"usage" : {"prompt_tokens":5} , "x" : [1,{"y":"}"}] } "#, five),
+            // The key `"usage` (with a quote in it), not `usage`.
+            (br#"{"\"usage":{"prompt_tokens":5},"x":1}"#, None),
+            (br#"{"a":{"usage":{"prompt_tokens":5}},"b":1}"#, None),
+            (br#"{"usage":{"prompt_tokens":6},"usage":{"prompt_tokens":5}}"#, None),
+            (br#"{"object":"usage","usage":{"prompt_tokens":5}}"#, five),
+            (br#"[{"usage":{"prompt_tokens":5}}]"#, None),
+            (br#"{"usage":{"prompt_tokens":5}} x"#, None),
+            (br#"{"usage":{"prompt_tokens":5},"x":1"#, None),
+        ];
+        for (body, want) in cases {
+            let text = String::from_utf8_lossy(body);
+            assert_eq!(usage_from_whole_body(body), want, "whole: {text}");
+            assert_eq!(usage_from_response_body(body), want, "tail: {text}");
+        }
+        // The documented difference: a body malformed only in front of `usage`.
+        let bad_head = br#"{"id": oops, "usage":{"prompt_tokens":5}}"#;
+        assert_eq!(usage_from_whole_body(bad_head), None);
+        assert_eq!(usage_from_response_body(bad_head), five);
+    }
+
+    /// A JSON value of bounded depth whose strings and keys like to say `usage`.
+    fn json_text() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let word = prop::sample::select(vec![
+            "usage",
+            "\"usage\"",
+            "usage\\",
+            "\\",
+            "x",
+            "prompt_tokens",
+            "}",
+            "{\"usage\":1}",
+            "é",
+        ]);
+        let leaf = prop_oneof![
+            Just("null".to_owned()),
+            (0u64..1000).prop_map(|n| n.to_string()),
+            Just("-1.5e3".to_owned()),
+            Just("true".to_owned()),
+            prop::collection::vec(word.clone(), 0..3)
+                .prop_map(|w| serde_json::to_string(&w.concat()).unwrap_or_default()),
+        ];
+        leaf.prop_recursive(4, 24, 4, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4)
+                    .prop_map(|v| format!("[{}]", v.join(","))),
+                prop::collection::vec((word.clone(), inner), 0..4).prop_map(|m| {
+                    let members: Vec<String> = m
+                        .into_iter()
+                        .map(|(k, v)| {
+                            format!("{}:{v}", serde_json::to_string(k).unwrap_or_default())
+                        })
+                        .collect();
+                    format!("{{{}}}", members.join(","))
+                }),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(3000))]
+
+        /// On every well-formed object the tail and the whole-document parse
+        /// agree; on a damaged one they differ only where the damage makes the
+        /// document malformed, and never when the whole parse found usage.
+        #[test]
+        fn tail_agrees_with_the_whole_document(
+            members in proptest::collection::vec(
+                (proptest::sample::select(vec!["usage", "choices", "id", "usage_", "x_usage"]), json_text()),
+                0..5,
+            ),
+            usage in proptest::option::of((0u64..100, 0u64..100, proptest::bool::ANY)),
+            at in 0usize..6,
+            pretty in proptest::bool::ANY,
+            damage in proptest::option::of((0usize..4000, 0u8..=255)),
+        ) {
+            let mut parts: Vec<String> = members
+                .into_iter()
+                .map(|(k, v)| format!("\"{k}\":{v}"))
+                .collect();
+            if let Some((p, c, details)) = usage {
+                let extra = if details { r#","prompt_tokens_details":{"cached_tokens":2,"x":[1]}"# } else { "" };
+                let member = format!(r#""usage":{{"prompt_tokens":{p},"completion_tokens":{c}{extra}}}"#);
+                parts.insert(at.min(parts.len()), member);
+            }
+            let mut body = format!("{{{}}}", parts.join(","));
+            if pretty {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) {
+                    // Re-render with whitespace everywhere (key order may change).
+                    body = serde_json::to_string_pretty(&v).unwrap_or(body);
+                }
+            }
+            let mut bytes = body.into_bytes();
+            proptest::prop_assert!(serde_json::from_slice::<Value>(&bytes).is_ok());
+            proptest::prop_assert_eq!(usage_from_response_body(&bytes), usage_from_whole_body(&bytes));
+            if let Some((i, b)) = damage {
+                if !bytes.is_empty() {
+                    let i = i % bytes.len();
+                    if b % 3 == 0 { bytes.truncate(i) } else { bytes[i] = b }
+                }
+                let (tail, whole) = (usage_from_response_body(&bytes), usage_from_whole_body(&bytes));
+                if tail != whole {
+                    proptest::prop_assert!(whole.is_none());
+                    // Malformed: bad syntax, or bytes that are not UTF-8.
+                    proptest::prop_assert!(serde_json::from_slice::<Value>(&bytes).is_err());
+                }
+            }
         }
     }
 
