@@ -230,3 +230,7 @@ criterion_main!(benches);
 // 44.6 / 186.6 (7.89x), CJK 25.7 / 58.4 / 97.5 (3.79x), no_ws 1MB 21.3 / 51.8 /
 // 72.0 (3.38x), one piece 1MB 4.1 / 70.8 / 112.3 (27x); cl100k English 8.96x,
 // code 14.96x, CJK 4.75x, no_ws 1MB 3.65x, one piece 18.8x.
+// 2026-12-06 04:20 run (counting code unchanged): o200k English 100KB 40.6 /
+// 52.1 / 192.2 MiB/s (4.73x), code 7.90x, CJK 3.81x, no_ws 1MB 3.37x, one piece
+// 1MB 26.3x; lowest of all 32 rows o200k no_ws 10KB 3.12x; cl100k English 8.96x,
+// code 13.8x, CJK 4.35x, no_ws 1MB 3.89x, one piece 20.5x.
