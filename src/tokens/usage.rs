@@ -40,8 +40,9 @@ pub struct Usage {
 ///
 /// Providers write `usage` after `choices`, near the end of the body, so it is
 /// read from the tail ([`usage_from_tail`]): the completion in front of it is
-/// scanned (SIMD) for one byte string but never parsed, which cut the read to
-/// a third on the mock's 883-byte body and keeps it flat as completions grow.
+/// scanned (SIMD) for one byte string but never parsed, which halved the read
+/// on the mock's 883-byte body (12.0k to 6.2k instructions) and keeps it
+/// nearly flat as completions grow.
 /// Bodies the tail cannot settle get the whole-document parse. On a
 /// well-formed document both give the same answer (tested differentially).
 pub fn usage_from_response_body(body: &[u8]) -> Option<Usage> {
