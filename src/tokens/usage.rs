@@ -46,10 +46,7 @@ pub struct Usage {
 /// Bodies the tail cannot settle get the whole-document parse. On a
 /// well-formed document both give the same answer (tested differentially).
 pub fn usage_from_response_body(body: &[u8]) -> Option<Usage> {
-    match usage_from_tail(body) {
-        Some(found) => found,
-        None => usage_from_whole_body(body),
-    }
+    usage_from_tail(body).unwrap_or_else(|| usage_from_whole_body(body))
 }
 
 /// The whole-document parse: every byte is validated.
@@ -59,7 +56,10 @@ fn usage_from_whole_body(body: &[u8]) -> Option<Usage> {
     if body.get(skip_ws(body, 0)) != Some(&b'{') {
         return None;
     }
-    parse_body(body).ok()?.usage.map(Usage::from)
+    serde_json::from_slice::<Body>(body)
+        .ok()?
+        .usage
+        .map(Usage::from)
 }
 
 /// `Some(answer)` when the body is an object whose only `"usage"` token is a
@@ -104,7 +104,9 @@ fn usage_from_tail(body: &[u8]) -> Option<Option<Usage>> {
         heap = [&b"{"[..], tail].concat();
         &heap
     };
-    parse_body(doc).ok().map(|b| b.usage.map(Usage::from))
+    serde_json::from_slice::<Body>(doc)
+        .ok()
+        .map(|b| b.usage.map(Usage::from))
 }
 
 /// The top-level object, of which only `usage` is read.
@@ -112,10 +114,6 @@ fn usage_from_tail(body: &[u8]) -> Option<Option<Usage>> {
 struct Body {
     #[serde(default)]
     usage: Option<RawUsage>,
-}
-
-fn parse_body(doc: &[u8]) -> serde_json::Result<Body> {
-    serde_json::from_slice(doc)
 }
 
 fn skip_ws(body: &[u8], mut pos: usize) -> usize {
