@@ -642,19 +642,30 @@ fn max_rates(
     let mut found: Vec<Vec<(f64, f64)>> = systems.iter().map(|_| Vec::new()).collect();
     for round in 0..rounds {
         for (i, sys) in systems.iter().enumerate() {
-            let start = found[i].last().map_or(1000.0, |&(rate, _)| rate / 2.0);
-            let (rate, r) = rt
-                .block_on(loadgen::find_max_rate(
-                    &sys.target,
-                    start,
-                    Duration::from_millis(2),
-                    0.1,
-                    Duration::from_secs(2),
-                    64,
-                ))
-                .unwrap();
-            eprintln!("  round {round} {}: {rate:.0} req/s", sys.name);
-            found[i].push((rate, r.p(0.99)));
+            let start = match found[i].last() {
+                Some(&(rate, _)) if rate > 0.0 => rate / 2.0,
+                _ => 1000.0,
+            };
+            // A round in which no rate passes (a stalled VM phase can fail the
+            // bound even at 1/s) counts as 0, so the table shows it instead of
+            // the run dying after its slowest part.
+            match rt.block_on(loadgen::find_max_rate(
+                &sys.target,
+                start,
+                Duration::from_millis(2),
+                0.1,
+                Duration::from_secs(2),
+                64,
+            )) {
+                Ok((rate, r)) => {
+                    eprintln!("  round {round} {}: {rate:.0} req/s", sys.name);
+                    found[i].push((rate, r.p(0.99)));
+                }
+                Err(e) => {
+                    eprintln!("  round {round} {}: no rate passed: {e}", sys.name);
+                    found[i].push((0.0, f64::NAN));
+                }
+            }
         }
     }
     let medians: Vec<f64> = found
