@@ -5,10 +5,10 @@
 //! one capability off at a time), each its own process, and measures them
 //! interleaved and repeated with an open-loop load generator:
 //!
-//! 1. maximum rate with p99 ≤ 2 ms and no errors (direct, bare, gateway), 5
-//!    interleaved rounds, with the median of the per-round ratios beside the
-//!    ratio of medians; then bare and gateway again, each pinned to a core of
-//!    its own with one thread (load generator and mock on the other core);
+//! 1. maximum rate with p99 ≤ 2 ms and no errors (direct, bare, gateway), with
+//!    the median of the per-round ratios beside the ratio of medians; then bare
+//!    and gateway again, each pinned to a core of its own with one thread (load
+//!    generator and mock on the other core);
 //! 2. latency at 50% of bare's maximum, median and spread, with CPU µs per
 //!    request of the process under test;
 //! 3. large (~50 KB) prompts; 4. streaming: TTFB, gaps between chunks, total, with
@@ -377,30 +377,24 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn spread(v: &[f64]) -> String {
+/// "min–max" of `v` with `decimals` digits after the point.
+fn spread(v: &[f64], decimals: usize) -> String {
     let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    format!("{lo:.0}–{hi:.0}")
+    format!("{lo:.decimals$}–{hi:.decimals$}")
 }
 
-fn ratio_spread(v: &[f64]) -> String {
-    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    format!("{lo:.2}–{hi:.2}")
-}
-
-/// Runs every system `rounds` times, interleaved, and tabulates medians and spreads.
+/// Runs every system `ROUNDS` times, interleaved, and tabulates medians and spreads.
 fn interleaved(
     rt: &tokio::runtime::Runtime,
     systems: &[System<'_>],
     spec: &RunSpec,
-    rounds: usize,
     out: &mut String,
 ) {
     // The first system is the baseline the "added" columns subtract.
     let streaming = spec.streaming;
     let mut samples: Vec<Vec<Sample>> = systems.iter().map(|_| Vec::new()).collect();
-    for round in 0..rounds {
+    for round in 0..ROUNDS {
         for (i, s) in systems.iter().enumerate() {
             let m = measure(rt, s, spec);
             eprintln!("  round {round} {:<22} p50 {:>7.0} µs  p99 {:>7.0} µs  cpu {:>6.1} µs/req  errors {}", s.name, m.p50, m.p99, m.cpu_us, m.errors);
@@ -443,8 +437,8 @@ fn interleaved(
                 out,
                 "| {} | {m50:.0} ({}) | {m99:.0} ({}) | {a50} | {a99} | {cpu:.1} | {errors} |",
                 s.name,
-                spread(&p50s),
-                spread(&p99s)
+                spread(&p50s, 0),
+                spread(&p99s, 0)
             )
             .unwrap();
         }
@@ -539,7 +533,7 @@ fn peer_litellm(
         ),
         System::new("litellm", lt, &proc),
     ];
-    interleaved(rt, &systems, &spec, ROUNDS, out);
+    interleaved(rt, &systems, &spec, out);
     writeln!(out, "\nLiteLLM's maximum rate with p99 ≤ 50 ms and no errors: {lmax:.0} req/s (ai4free's with p99 ≤ 2 ms is in the first table).").unwrap();
 }
 
@@ -626,7 +620,7 @@ fn latency_spec(rate: f64) -> RunSpec {
     }
 }
 
-/// Searches each system's maximum rate with p99 ≤ 2 ms in `rounds` interleaved
+/// Searches each system's maximum rate with p99 ≤ 2 ms in `ROUNDS` interleaved
 /// rounds (a round after the first starts from half the system's last result,
 /// which saves the climb from 1,000/s), tabulates medians, spreads and ratios to
 /// `systems[baseline]`, and returns the medians. Besides the ratio of medians it
@@ -636,11 +630,10 @@ fn max_rates(
     rt: &tokio::runtime::Runtime,
     systems: &[System<'_>],
     baseline: usize,
-    rounds: usize,
     out: &mut String,
 ) -> Vec<f64> {
     let mut found: Vec<Vec<(f64, f64)>> = systems.iter().map(|_| Vec::new()).collect();
-    for round in 0..rounds {
+    for round in 0..ROUNDS {
         for (i, sys) in systems.iter().enumerate() {
             let start = match found[i].last() {
                 Some(&(rate, _)) if rate > 0.0 => rate / 2.0,
@@ -686,15 +679,15 @@ fn max_rates(
             .get(baseline)
             .map(|b| found[i].iter().zip(b).map(|(x, y)| x.0 / y.0).collect())
             .unwrap_or_default();
+        let paired_spread = spread(&paired, 2);
         writeln!(
             out,
-            "| {} | {:.0} ({}) | {p99:.0} | {:.2} | {:.2} ({}) |",
+            "| {} | {:.0} ({}) | {p99:.0} | {:.2} | {:.2} ({paired_spread}) |",
             sys.name,
             medians[i],
-            spread(&rates),
+            spread(&rates, 0),
             medians[i] / denominator,
-            median(paired.clone()),
-            ratio_spread(&paired)
+            median(paired),
         )
         .unwrap();
     }
@@ -896,7 +889,7 @@ fn main() {
         "### Maximum rate with p99 ≤ 2 ms and no errors (small non-streaming chat), {ROUNDS} interleaved rounds\n"
     )
     .unwrap();
-    let maxes = max_rates(&rt, &reference(&small, "gateway"), 1, ROUNDS, &mut out);
+    let maxes = max_rates(&rt, &reference(&small, "gateway"), 1, &mut out);
     let bare_max = maxes[1];
 
     // 1b. The same search with each proxy on a core of its own (performance-anchors'
@@ -918,12 +911,12 @@ fn main() {
                 &pinned.gateway.proc,
             ),
         ];
-        let pinned_max = max_rates(&rt, &systems, 0, ROUNDS, &mut out);
+        let pinned_max = max_rates(&rt, &systems, 0, &mut out);
         // What each costs on its core, to read the maxima against: at its maximum
         // a proxy whose rate × CPU per request is near one core is the bottleneck.
         let prate = (pinned_max[0] * 0.5).max(100.0);
         writeln!(out, "\nThe same two at {prate:.0} req/s (half of pinned bare's maximum), {ROUNDS} interleaved rounds of 4 s; \"added\" is over bare:\n").unwrap();
-        interleaved(&rt, &systems, &latency_spec(prate), ROUNDS, &mut out);
+        interleaved(&rt, &systems, &latency_spec(prate), &mut out);
     }
 
     // 2. Latency at 50% of bare's maximum.
@@ -946,7 +939,7 @@ fn main() {
             &g.proc,
         ));
     }
-    interleaved(&rt, &systems, &spec, ROUNDS, &mut out);
+    interleaved(&rt, &systems, &spec, &mut out);
     writeln!(out, "\nCPU µs/req is the process under test only (for direct: the mock). \"gateway −x\" has capability x switched off (`bench_ablate`). \"gateway +PostgreSQL +Redis\" stores keys and usage in PostgreSQL and counts limits in Redis (one Lua call per request), both on this machine.").unwrap();
 
     // 3. Large prompts.
@@ -963,7 +956,7 @@ fn main() {
         ..spec.clone()
     };
     let lsys = reference(&large, "gateway");
-    interleaved(&rt, &lsys, &lspec, ROUNDS, &mut out);
+    interleaved(&rt, &lsys, &lspec, &mut out);
 
     // 4. Streaming.
     let stream = chat_body(true, 0);
@@ -981,7 +974,7 @@ fn main() {
         target(counting.addr, Some(&counting.key), &stream, &[]),
         &counting.proc,
     ));
-    interleaved(&rt, &ssys, &sspec, ROUNDS, &mut out);
+    interleaved(&rt, &ssys, &sspec, &mut out);
 
     // 4b. A peer gateway from the package registries, same mock, same load.
     if let Some(litellm) = std::env::var_os("AI4FREE_BENCH_LITELLM") {
