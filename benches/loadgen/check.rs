@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::parse::{Parser, Seen};
-use super::{raw_request, run, RunResult, RunSpec, Target};
+use super::{raw_request, run, saturate, RunResult, RunSpec, Target};
 
 /// The server's per-request delay for `/delay` and between `/chunked` chunks.
 const DELAY: Duration = Duration::from_millis(5);
@@ -397,6 +397,46 @@ async fn checks(addr: SocketAddr) -> io::Result<()> {
         r.achieved_rate < 250.0,
         "overload: achieved rate is the server's",
         Some(&r),
+    )?;
+
+    // Closed loop against the same 5 ms server: 4 connections can complete at
+    // most 800 exchanges a second, and do nearly that.
+    let target = |path: &str| Target {
+        addr,
+        request: raw_request("GET", path, &[], b""),
+    };
+    let (warmup, measured) = (Duration::from_millis(100), Duration::from_millis(500));
+    let s = saturate(
+        &target("/delay"),
+        4,
+        warmup,
+        measured,
+        Duration::from_secs(1),
+    )
+    .await?;
+    ensure(
+        s.errors == 0 && s.non_2xx == 0 && (500.0..=820.0).contains(&s.rate),
+        &format!("closed loop /delay: ~800/s from 4 connections, got {s:?}"),
+        None,
+    )?;
+    let s = saturate(&target("/500"), 2, warmup, measured, Duration::from_secs(1)).await?;
+    ensure(
+        s.ok == 0 && s.non_2xx > 0 && s.errors == 0,
+        &format!("closed loop /500: all non-2xx, got {s:?}"),
+        None,
+    )?;
+    let s = saturate(
+        &target("/truncated"),
+        2,
+        warmup,
+        measured,
+        Duration::from_secs(1),
+    )
+    .await?;
+    ensure(
+        s.ok == 0 && s.errors > 0,
+        &format!("closed loop /truncated: all errors, got {s:?}"),
+        None,
     )?;
 
     let r = load(addr, "/500", 200.0, 0.3, 4, false).await?;

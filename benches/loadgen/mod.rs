@@ -622,6 +622,94 @@ pub async fn run(target: &Target, spec: &RunSpec) -> io::Result<RunResult> {
     Ok(result)
 }
 
+/// What a closed-loop run measured: counts cover responses completed in the
+/// measured period only.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Saturation {
+    /// Complete 2xx responses per second of the measured period.
+    pub rate: f64,
+    /// Complete 2xx responses.
+    pub ok: u64,
+    /// Complete responses with a status other than 2xx.
+    pub non_2xx: u64,
+    /// Connect, write, parse or read errors and timeouts.
+    pub errors: u64,
+}
+
+/// Closed loop: each of `connections` connections sends its next request as soon
+/// as the previous response is complete, for `warmup` and then `duration`, and the
+/// exchanges completed in `duration` are counted. This measures capacity, the rate
+/// at which the system drains a standing queue, whatever the latency: unlike
+/// [`run`] it has no schedule, so its latencies would hide queueing (coordinated
+/// omission) and none are reported. A request not answered within `timeout` is an
+/// error and its connection is re-opened.
+pub async fn saturate(
+    target: &Target,
+    connections: usize,
+    warmup: Duration,
+    duration: Duration,
+    timeout: Duration,
+) -> io::Result<Saturation> {
+    if connections == 0 || duration.is_zero() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "connections and duration must be positive",
+        ));
+    }
+    let mut streams = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        streams.push(connect(target.addr).await?);
+    }
+    let from = Instant::now() + warmup;
+    let until = from + duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    for stream in streams {
+        let request = target.request.clone();
+        let mut conn = Conn {
+            addr: target.addr,
+            stream: Some(stream),
+            buf: ReadBuf::new(READ_BUF),
+            parser: Parser::new(request.starts_with(b"HEAD ")),
+            chunks: Vec::new(),
+        };
+        tasks.spawn(async move {
+            let mut own = Saturation::default();
+            let timer = tokio::time::sleep(timeout);
+            tokio::pin!(timer);
+            while Instant::now() < until {
+                timer.as_mut().reset((Instant::now() + timeout).into());
+                let outcome = tokio::select! {
+                    biased;
+                    r = conn.exchange(&request, false) => r,
+                    () = &mut timer => Err(io::Error::new(io::ErrorKind::TimedOut, "timed out")),
+                };
+                if outcome.is_err() {
+                    conn.drop_stream();
+                }
+                let end = Instant::now();
+                if end < from || end >= until {
+                    continue;
+                }
+                match outcome {
+                    Err(_) => own.errors += 1,
+                    Ok(x) if !(200..300).contains(&x.status) => own.non_2xx += 1,
+                    Ok(_) => own.ok += 1,
+                }
+            }
+            own
+        });
+    }
+    let mut total = Saturation::default();
+    while let Some(joined) = tasks.join_next().await {
+        let own = joined.map_err(io::Error::other)?;
+        total.ok += own.ok;
+        total.non_2xx += own.non_2xx;
+        total.errors += own.errors;
+    }
+    total.rate = total.ok as f64 / duration.as_secs_f64();
+    Ok(total)
+}
+
 /// The highest rate (req/s) whose run passes [`RunResult::passes`] (p99 ≤ `p99_limit`,
 /// no errors, no non-2xx): doubles from `start` (or halves, if `start` fails) until a
 /// passing and a failing rate are found, then bisects until they are within
