@@ -401,38 +401,27 @@ async fn checks(addr: SocketAddr) -> io::Result<()> {
 
     // Closed loop against the same 5 ms server: 4 connections can complete at
     // most 800 exchanges a second, and do nearly that.
-    let target = |path: &str| Target {
-        addr,
-        request: raw_request("GET", path, &[], b""),
+    let closed = |path: &'static str, connections: usize| {
+        let t = Target {
+            addr,
+            request: raw_request("GET", path, &[], b""),
+        };
+        let (warmup, measured) = (Duration::from_millis(100), Duration::from_millis(500));
+        async move { saturate(&t, connections, warmup, measured, Duration::from_secs(1)).await }
     };
-    let (warmup, measured) = (Duration::from_millis(100), Duration::from_millis(500));
-    let s = saturate(
-        &target("/delay"),
-        4,
-        warmup,
-        measured,
-        Duration::from_secs(1),
-    )
-    .await?;
+    let s = closed("/delay", 4).await?;
     ensure(
         s.errors == 0 && s.non_2xx == 0 && (500.0..=820.0).contains(&s.rate),
         &format!("closed loop /delay: ~800/s from 4 connections, got {s:?}"),
         None,
     )?;
-    let s = saturate(&target("/500"), 2, warmup, measured, Duration::from_secs(1)).await?;
+    let s = closed("/500", 2).await?;
     ensure(
         s.ok == 0 && s.non_2xx > 0 && s.errors == 0,
         &format!("closed loop /500: all non-2xx, got {s:?}"),
         None,
     )?;
-    let s = saturate(
-        &target("/truncated"),
-        2,
-        warmup,
-        measured,
-        Duration::from_secs(1),
-    )
-    .await?;
+    let s = closed("/truncated", 2).await?;
     ensure(
         s.ok == 0 && s.errors > 0,
         &format!("closed loop /truncated: all errors, got {s:?}"),
