@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces BENCHMARKS.md: builds the release binaries (gateway, mock provider,
-# bare Pingora proxy), then runs the load benchmark and the micro-benchmarks.
+# bare Pingora proxy), then runs the load benchmark, the micro-benchmarks and the
+# instruction counts per request (scripts/instructions.sh).
 # Takes ~15-25 minutes on 2 cores. Results: bench-results/latest.md and criterion's
 # target/criterion/.
 set -euo pipefail
@@ -20,4 +21,5 @@ cargo bench --locked --bench proxy_load
 if [ "${1:-}" != "--load-only" ]; then
   cargo bench --locked --bench hot_paths -- --warm-up-time 1 --measurement-time 3
   cargo bench --locked --bench tokens -- --warm-up-time 1 --measurement-time 3
+  ./scripts/instructions.sh
 fi
