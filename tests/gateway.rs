@@ -139,6 +139,50 @@ fn non_streaming_is_byte_exact_and_recorded() {
 }
 
 #[test]
+fn client_credentials_and_framing_never_reach_the_provider() {
+    let gw = TestGateway::start();
+    let (_, key) = gw.create_key("pro", &[], None);
+    // The key in every header an OpenAI-style SDK might put it in, plus the
+    // client's OpenAI account scoping, in mixed case.
+    let extra = [
+        ("Api-Key", key.as_str()),
+        ("X-API-Key", key.as_str()),
+        ("OpenAI-Organization", "org-client"),
+        ("OpenAI-Project", "proj_client"),
+        ("x-trace", "kept"),
+    ];
+    let r = post(
+        &gw,
+        Some(&key),
+        "/v1/chat/completions",
+        &chat(false),
+        &extra,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let seen = gw.mock.last_request().unwrap();
+    for gone in [
+        "api-key",
+        "x-api-key",
+        "openai-organization",
+        "openai-project",
+    ] {
+        assert_eq!(seen.header(gone), None, "{gone} went upstream");
+    }
+    assert_eq!(
+        seen.header_str("authorization").as_deref(),
+        Some(format!("Bearer {PROVIDER_KEY}").as_str())
+    );
+    assert_eq!(seen.header_str("x-trace").as_deref(), Some("kept"));
+    let secret = &key[17..];
+    for (name, v) in &seen.headers {
+        assert!(
+            !String::from_utf8_lossy(v).contains(secret),
+            "gateway key leaked upstream in {name}"
+        );
+    }
+}
+
+#[test]
 fn provider_usage_of_zero_is_kept() {
     let gw = TestGateway::start();
     let (_, key) = gw.create_key("pro", &[], None);

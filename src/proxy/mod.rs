@@ -280,6 +280,18 @@ async fn respond(
     session.write_response_body(Some(body), true).await
 }
 
+/// Request headers that never go upstream: the client's credentials for the
+/// gateway (any of the spellings OpenAI-style SDKs use), its OpenAI account
+/// scoping, and its framing (the gateway sends its own body with a length).
+const CLIENT_ONLY_HEADERS: [&str; 6] = [
+    "authorization",
+    "api-key",
+    "x-api-key",
+    "openai-organization",
+    "openai-project",
+    "transfer-encoding",
+];
+
 /// Present, with value `degraded`, while limits are decided without Redis.
 const DEGRADED_HEADER: &str = "x-ai4free-ratelimit";
 
@@ -1057,12 +1069,18 @@ impl ProxyHttp for Gateway {
         let (p, up) = self.target(ctx)?;
         req.set_uri(up.uri(p.endpoint));
         req.insert_header("host", up.host.clone())?;
-        // The client's gateway key must never leave the gateway.
-        req.remove_header("authorization");
-        req.remove_header("api-key");
-        req.remove_header("x-api-key");
-        req.remove_header("openai-organization");
-        req.remove_header("openai-project");
+        // The client's gateway key must never leave the gateway, and the provider
+        // frames the body we send. One pass finds which of these came: a removal
+        // parses the name and probes two maps, and most are absent.
+        let mut present = [false; CLIENT_ONLY_HEADERS.len()];
+        for name in req.headers.keys() {
+            if let Some(i) = CLIENT_ONLY_HEADERS.iter().position(|h| name == h) {
+                present[i] = true;
+            }
+        }
+        for (name, _) in CLIENT_ONLY_HEADERS.iter().zip(present).filter(|(_, p)| *p) {
+            req.remove_header(*name);
+        }
         if let Some(a) = &up.auth {
             req.insert_header("authorization", a.clone())?;
         }
@@ -1071,7 +1089,6 @@ impl ProxyHttp for Gateway {
         }
         // We read usage out of the response; a compressed one would be opaque.
         req.insert_header("accept-encoding", "identity")?;
-        req.remove_header("transfer-encoding");
         req.insert_header("content-length", HeaderValue::from(p.upstream_body.len()))?;
         Ok(())
     }
