@@ -14,9 +14,7 @@ rustup component add rustfmt clippy >/dev/null 2>&1 || true
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import openai" 2>/dev/null; then
   echo "==> installing the openai Python SDK into .venv (for the SDK compatibility test)"
   if ! python3 -m venv .venv >/dev/null 2>&1; then
-    SUDO=""
-    [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
+    apt_install "python3 -m venv needs it" python3-venv
     python3 -m venv .venv
   fi
   .venv/bin/pip install -q --disable-pip-version-check openai

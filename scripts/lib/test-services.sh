@@ -5,16 +5,13 @@
 # - A PostgreSQL the store conformance tests can create schemas in: the one in
 #   AI4FREE_TEST_PG_URL, else 127.0.0.1:5432; when nothing answers there, a
 #   private cluster is started under target/test-pg for the run.
+. scripts/lib/apt.sh
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
 command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client)
 if [ ${#need_apt[@]} -gt 0 ]; then
-  echo "==> installing ${need_apt[*]} (the tests start private servers)"
-  SUDO=""
-  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  apt_install "the tests start private servers" "${need_apt[@]}"
 fi
 
 pg_answers() { psql "$1" -Atc 'select 1' >/dev/null 2>&1; }
