@@ -662,11 +662,11 @@ fn max_rates(
             }
         }
     }
-    let medians: Vec<f64> = found
+    let rates: Vec<Vec<f64>> = found
         .iter()
-        .map(|f| median(f.iter().map(|x| x.0).collect()))
+        .map(|f| f.iter().map(|x| x.0).collect())
         .collect();
-    let denominator = medians.get(baseline).copied().unwrap_or(f64::NAN);
+    let medians: Vec<f64> = rates.iter().map(|r| median(r.clone())).collect();
     let base = systems.get(baseline).map_or("?", |s| s.name.as_str());
     writeln!(
         out,
@@ -674,25 +674,28 @@ fn max_rates(
     )
     .unwrap();
     for (i, sys) in systems.iter().enumerate() {
-        let rates: Vec<f64> = found[i].iter().map(|x| x.0).collect();
         let p99 = median(found[i].iter().map(|x| x.1).collect());
-        let paired: Vec<f64> = found
-            .get(baseline)
-            .map(|b| found[i].iter().zip(b).map(|(x, y)| x.0 / y.0).collect())
-            .unwrap_or_default();
-        let paired_spread = spread(&paired, 2);
+        let (ratio, per_round) = ratios(&rates[i], &rates[baseline]);
         writeln!(
             out,
-            "| {} | {:.0} ({}) | {p99:.0} | {:.2} | {:.2} ({paired_spread}) |",
+            "| {} | {:.0} ({}) | {p99:.0} | {ratio:.2} | {per_round} |",
             sys.name,
             medians[i],
-            spread(&rates, 0),
-            medians[i] / denominator,
-            median(paired),
+            spread(&rates[i], 0),
         )
         .unwrap();
     }
     medians
+}
+
+/// `rates` (one per round) against the baseline's, paired by round: the ratio of
+/// the medians, and the per-round ratios as "median (spread)". A round measures
+/// the systems back to back, so a slow phase of the VM weighs on both sides of
+/// a per-round ratio.
+fn ratios(rates: &[f64], base: &[f64]) -> (f64, String) {
+    let paired: Vec<f64> = rates.iter().zip(base).map(|(x, y)| x / y).collect();
+    let per_round = format!("{:.2} ({})", median(paired.clone()), spread(&paired, 2));
+    (median(rates.to_vec()) / median(base.to_vec()), per_round)
 }
 
 /// Closed-loop capacity of each system in `ROUNDS` interleaved rounds: 16
@@ -737,7 +740,6 @@ fn saturation(rt: &tokio::runtime::Runtime, systems: &[System<'_>], out: &mut St
         .iter()
         .map(|f| f.iter().map(|x| x.0).collect())
         .collect();
-    let base = median(rates[0].clone());
     let name = &systems[0].name;
     writeln!(
         out,
@@ -745,16 +747,13 @@ fn saturation(rt: &tokio::runtime::Runtime, systems: &[System<'_>], out: &mut St
     )
     .unwrap();
     for (i, sys) in systems.iter().enumerate() {
-        let paired: Vec<f64> = rates[i].iter().zip(&rates[0]).map(|(x, y)| x / y).collect();
-        let m = median(rates[i].clone());
+        let (ratio, per_round) = ratios(&rates[i], &rates[0]);
         writeln!(
             out,
-            "| {} | {m:.0} ({}) | {:.2} | {:.2} ({}) | {:.1} | {:.2} | {} |",
+            "| {} | {:.0} ({}) | {ratio:.2} | {per_round} | {:.1} | {:.2} | {} |",
             sys.name,
+            median(rates[i].clone()),
             spread(&rates[i], 0),
-            m / base,
-            median(paired.clone()),
-            spread(&paired, 2),
             median(found[i].iter().map(|x| x.1).collect()),
             median(found[i].iter().map(|x| x.2).collect()),
             found[i].iter().map(|x| x.3).sum::<u64>(),

@@ -3,9 +3,9 @@
 # gateway with everything on, and the gateway with one capability off at a time.
 #
 # The load benchmark's timings move with this shared VM (the closed-loop ratio
-# moved 0.63-0.81x within one session); an instruction count does not (two runs
-# agree to 0.3%), so this is the number to compare a request-path change
-# against. It counts user space only (not the kernel's TCP work, which is the
+# moved 0.63-0.81x within one session); an instruction count barely does (two
+# runs agree within ~2%; one function's count in the kept files not at all), so
+# this is what to compare a request-path change against. It counts user space only (not the kernel's TCP work, which is the
 # same for both proxies) and every thread of the process, the usage writer's
 # SQLite inserts included. Takes ~5 minutes. Results: bench-results/instructions.md;
 # the callgrind files stay in bench-results/callgrind/ for callgrind_annotate.
@@ -23,9 +23,9 @@ bin=target/release
 out=bench-results
 work=$(mktemp -d)
 mkdir -p "$out/callgrind"
-pids=()
+mock_pid=""
 cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ -n "$mock_pid" ] && kill "$mock_pid" 2>/dev/null || true
   wait 2>/dev/null || true
   rm -rf "$work"
 }
@@ -43,7 +43,7 @@ wait_port() {
 
 mock=$(free_port)
 "$bin/examples/mock_provider" --listen "127.0.0.1:$mock" >/dev/null 2>&1 &
-pids+=($!)
+mock_pid=$!
 wait_port "$mock"
 
 # The load benchmark's small chat completion, POSTed by wrk with the key in $KEY.
@@ -77,7 +77,9 @@ measure() {
   echo "$n $ir"
 }
 
-# run NAME CMD...: starts CMD under callgrind, measures it, stops it.
+# run NAME PORT CMD...: starts CMD under callgrind, measures it, stops it. It
+# runs in a command substitution (a subshell), so it stops its own process
+# rather than leaving it to the EXIT trap.
 run() {
   local name=$1 port=$2
   shift 2
@@ -85,7 +87,6 @@ run() {
   valgrind --tool=callgrind --compress-strings=no --compress-pos=no \
     --callgrind-out-file="$out/callgrind/$name.%p" "$@" >"$work/$name.log" 2>&1 &
   local pid=$!
-  pids+=($pid)
   wait_port "$port"
   measure "$name" "$port" "$pid"
   kill "$pid" 2>/dev/null || true
@@ -140,10 +141,11 @@ full=$(per "${result[gateway]}")
   echo "| bare | ${result[bare]%% *} | $bare | 1.00 | — |"
   for v in "${variants[@]}"; do
     p=$(per "${result[$v]}")
+    ratio=$(awk -v a="$p" -v b="$bare" 'BEGIN{printf "%.2f", a/b}')
     if [ "$v" = gateway ]; then
-      echo "| gateway | ${result[$v]%% *} | $p | $(awk -v a="$p" -v b="$bare" 'BEGIN{printf "%.2f", a/b}') | — |"
+      echo "| gateway | ${result[$v]%% *} | $p | $ratio | — |"
     else
-      echo "| gateway −$v | ${result[$v]%% *} | $p | $(awk -v a="$p" -v b="$bare" 'BEGIN{printf "%.2f", a/b}') | $((full - p)) |"
+      echo "| gateway −$v | ${result[$v]%% *} | $p | $ratio | $((full - p)) |"
     fi
   done
 } >"$out/instructions.md"

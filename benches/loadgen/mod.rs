@@ -439,6 +439,17 @@ async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
 }
 
 impl Conn {
+    /// A connection that sends `request` (a `HEAD` has no body to read back).
+    fn new(addr: SocketAddr, stream: TcpStream, request: &[u8]) -> Conn {
+        Conn {
+            addr,
+            stream: Some(stream),
+            buf: ReadBuf::new(READ_BUF),
+            parser: Parser::new(request.starts_with(b"HEAD ")),
+            chunks: Vec::new(),
+        }
+    }
+
     fn drop_stream(&mut self) {
         self.stream = None;
         self.buf.clear();
@@ -496,13 +507,7 @@ async fn connection(
     stream: TcpStream,
 ) -> io::Result<()> {
     let spec = &shared.spec;
-    let mut conn = Conn {
-        addr,
-        stream: Some(stream),
-        buf: ReadBuf::new(READ_BUF),
-        parser: Parser::new(request.starts_with(b"HEAD ")),
-        chunks: Vec::new(),
-    };
+    let mut conn = Conn::new(addr, stream, &request);
     // One timer per connection, moved to each request's deadline: a fresh
     // `timeout_at` per request would often be the earliest timer and make tokio wake
     // its driver (an eventfd write) on every request.
@@ -665,13 +670,7 @@ pub async fn saturate(
     let mut tasks = tokio::task::JoinSet::new();
     for stream in streams {
         let request = target.request.clone();
-        let mut conn = Conn {
-            addr: target.addr,
-            stream: Some(stream),
-            buf: ReadBuf::new(READ_BUF),
-            parser: Parser::new(request.starts_with(b"HEAD ")),
-            chunks: Vec::new(),
-        };
+        let mut conn = Conn::new(target.addr, stream, &request);
         tasks.spawn(async move {
             let mut own = Saturation::default();
             let timer = tokio::time::sleep(timeout);
