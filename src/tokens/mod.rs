@@ -9,6 +9,7 @@
 pub mod count;
 pub mod sse;
 pub mod usage;
+mod usage_scan;
 
 pub use count::{
     count_chat_completion_response, count_chat_prompt, count_completion_prompt,
