@@ -8,6 +8,8 @@
 //! - [`keys`]: API key format, hashing and the in-memory validation cache.
 //! - [`limits`]: tier limits and the local (pingora-limits) limiter.
 //! - [`tokens`]: SSE parsing, usage extraction and token counting (pure, no IO).
+//! - `json_scan`: the direct reader for the few JSON fields the request path reads
+//!   (serde decides everything else).
 //! - [`usage`]: usage records and the bounded, batching writer.
 //! - [`store`]: persistence behind one trait (embedded SQLite, or PostgreSQL for several nodes).
 //! - [`metrics`]: every Prometheus metric the gateway exports.
@@ -18,6 +20,7 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub(crate) mod json_scan;
 pub mod keys;
 pub mod limits;
 pub mod metrics;

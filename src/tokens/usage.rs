@@ -1311,11 +1311,13 @@ mod tests {
     #[test]
     fn the_common_tail_is_decided_without_serde() {
         // The mock's tail, OpenAI's (pretty-printed), an embedding's, a null.
-        let tails: [&[u8]; 4] = [
+        let tails: [&[u8]; 6] = [
             br#""usage":{"prompt_tokens":1,"completion_tokens":40,"total_tokens":41,"prompt_tokens_details":{"cached_tokens":0,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":0,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}},"service_tier":"default","system_fingerprint":"fp_mock"}"#,
             br#""usage": {"prompt_tokens": 19, "completion_tokens": 10, "total_tokens": 29, "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0}, "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0, "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}, "service_tier": "default", "system_fingerprint": null}"#,
             br#""usage":{"prompt_tokens":8,"total_tokens":8},"model":"text-embedding-3-small"}"#,
             b"\"usage\"\r\n:\tnull\n}\n",
+            br#""usage":{"prompt_tokens":-3},"x":"caf\u00e9 \"q\" \\ \n","y":[1.5e-3,{}]}"#,
+            "\"usage\":{\"prompt_tokens\":2},\"x\":\"é\"}".as_bytes(),
         ];
         for tail in tails {
             let fast = usage_from_common_tail(tail);
@@ -1331,13 +1333,13 @@ mod tests {
             &br#""usage":{"prompt_tokens":3.0}}"#[..],
             br#""usage":{"prompt_tokens":1,"prompt_tokens":2}}"#,
             br#""usage":{"prompt\u005ftokens":1}}"#,
-            br#""usage":{"prompt_tokens":1},"x":"caf\u00e9"}"#,
             br#""usage":{"prompt_tokens":01}}"#,
             br#""usage":{"prompt_tokens":"7"}}"#,
-            br#""usage":{"prompt_tokens":12345678901234567890}}"#,
+            br#""usage":{"prompt_tokens":18446744073709551616}}"#,
             br#""usage":{"prompt_tokens":1}} trailing"#,
             br#""usage":{"prompt_tokens":1},"usage":null}"#,
-            "\"usage\":{\"prompt_tokens\":1},\"x\":\"é\"}".as_bytes(),
+            br#""usage":{"prompt_tokens":-1e400}}"#,
+            br#""usage":{"prompt_tokens":-12345678901234567890}}"#,
         ] {
             assert_eq!(
                 usage_from_common_tail(tail),
