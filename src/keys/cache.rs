@@ -563,7 +563,7 @@ mod tests {
         let head = format!("{}{}_{secret}", super::super::KEY_PREFIX, old.id);
         let new = super::super::NewKey {
             id: old.id.clone(),
-            key: format!("{head}{}", super::super::checksum(&head)),
+            key: super::super::with_checksum(&head),
             secret_hash: hash_secret(&old.id, &secret),
         };
         let store = SqliteStore::open(std::path::Path::new(":memory:")).unwrap();

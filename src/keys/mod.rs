@@ -98,7 +98,7 @@ pub fn parse(presented: &str) -> Result<ParsedKey<'_>, FormatError> {
     }
     let check_start = KEY_LEN - CHECK_LEN;
     let expected = checksum(&presented[..check_start]);
-    if expected.as_bytes() != &bytes[check_start..] {
+    if expected[..] != bytes[check_start..] {
         return Err(FormatError::Checksum);
     }
     Ok(ParsedKey {
@@ -118,7 +118,7 @@ pub fn generate_for(id: &str) -> Result<NewKey, getrandom::Error> {
     let id = id.to_owned();
     let secret = random_base62(SECRET_LEN)?;
     let head = format!("{KEY_PREFIX}{id}_{secret}");
-    let key = format!("{head}{}", checksum(&head));
+    let key = with_checksum(&head);
     let secret_hash = hash_secret(&id, &secret);
     Ok(NewKey {
         id,
@@ -164,7 +164,8 @@ pub fn hashes_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
         == 0
 }
 
-fn checksum(head: &str) -> String {
+/// The checksum's base62 digits (on the stack: every request checks one).
+fn checksum(head: &str) -> [u8; CHECK_LEN] {
     let mut n = crc32fast::hash(head.as_bytes()) as u64;
     let mut out = [b'0'; CHECK_LEN];
     for slot in out.iter_mut().rev() {
@@ -172,7 +173,15 @@ fn checksum(head: &str) -> String {
         n /= 62;
     }
     // 62^6 > 2^32, so the CRC always fits and the encoding is fixed-width.
-    out.iter().map(|&b| b as char).collect()
+    out
+}
+
+/// `head` with its checksum appended: a whole key.
+fn with_checksum(head: &str) -> String {
+    let mut key = String::with_capacity(head.len() + CHECK_LEN);
+    key.push_str(head);
+    key.extend(checksum(head).iter().map(|&b| char::from(b)));
+    key
 }
 
 /// Free-form key metadata: a JSON object, `{}` by default.
