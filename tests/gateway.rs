@@ -183,6 +183,42 @@ fn client_credentials_and_framing_never_reach_the_provider() {
 }
 
 #[test]
+fn the_provider_accounts_headers_never_reach_the_client() {
+    let gw = TestGateway::start();
+    let (_, key) = gw.create_key("pro", &[], None);
+    for stream in [false, true] {
+        let r = post(
+            &gw,
+            Some(&key),
+            "/v1/chat/completions",
+            &chat(stream),
+            &[("x-mock-account-headers", "1")],
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        // The operator's organization and project, and the provider account's
+        // token limits (the pro tier limits requests only), are gone.
+        for gone in [
+            "openai-organization",
+            "openai-project",
+            "x-ratelimit-limit-tokens",
+            "x-ratelimit-remaining-tokens",
+            "x-ratelimit-reset-tokens",
+        ] {
+            assert_eq!(r.header(gone), None, "{gone} reached the client");
+        }
+        // The request limits and the request id are the key's, not the account's.
+        assert_eq!(
+            r.header("x-ratelimit-limit-requests").as_deref(),
+            Some("100000")
+        );
+        let id = r.header("x-request-id").unwrap();
+        assert!(id.starts_with("req_") && id != "req_mock_provider", "{id}");
+        // What says nothing about the account passes.
+        assert_eq!(r.header("openai-processing-ms").as_deref(), Some("12"));
+    }
+}
+
+#[test]
 fn provider_usage_of_zero_is_kept() {
     let gw = TestGateway::start();
     let (_, key) = gw.create_key("pro", &[], None);

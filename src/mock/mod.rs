@@ -29,6 +29,7 @@
 //! | `x-mock-words: N` | completion length in pieces (still capped by `max_tokens`) |
 //! | `x-mock-prompt-tokens: N` | report exactly N prompt tokens (0 allowed) |
 //! | `x-mock-completion-tokens: N` | report exactly N completion tokens (0 allowed) |
+//! | `x-mock-account-headers: 1` | add the headers OpenAI sends about the account billed (`openai-organization`, `openai-project`, its `x-ratelimit-*`, `x-request-id`) |
 //!
 //! Invalid values for these headers get a 400 so a typo in a test fails loudly.
 
@@ -443,6 +444,38 @@ fn number<T: std::str::FromStr>(headers: &HeaderMap, name: &str) -> Result<Optio
 }
 
 async fn handle(
+    req: Request<Incoming>,
+    shared: &Shared,
+    conn: Arc<ConnState>,
+) -> Response<MockBody> {
+    let account = req
+        .headers()
+        .get("x-mock-account-headers")
+        .is_some_and(|v| !matches!(v.as_bytes(), b"0" | b"false" | b""));
+    let mut response = respond(req, shared, conn).await;
+    if account {
+        // What OpenAI sends about the account a request was billed to.
+        let headers = response.headers_mut();
+        for (name, value) in [
+            ("openai-organization", "org-mock-operator"),
+            ("openai-project", "proj_mock_operator"),
+            ("openai-processing-ms", "12"),
+            ("openai-version", "2020-10-01"),
+            ("x-request-id", "req_mock_provider"),
+            ("x-ratelimit-limit-requests", "10000"),
+            ("x-ratelimit-limit-tokens", "30000000"),
+            ("x-ratelimit-remaining-requests", "9999"),
+            ("x-ratelimit-remaining-tokens", "29999990"),
+            ("x-ratelimit-reset-requests", "6ms"),
+            ("x-ratelimit-reset-tokens", "0s"),
+        ] {
+            headers.insert(name, HeaderValue::from_static(value));
+        }
+    }
+    response
+}
+
+async fn respond(
     req: Request<Incoming>,
     shared: &Shared,
     conn: Arc<ConnState>,

@@ -15,7 +15,8 @@
 //!           upstream_peer           pre-resolved SocketAddr, TLS + SNI, timeouts
 //!           upstream_request_filter path, Host, provider key replaces the client's
 //!           request_body_filter     swaps in the upstream body at end of stream
-//!           response_filter         x-request-id, x-ratelimit-*, framing
+//!           response_filter         drops the provider account's headers; x-request-id,
+//!                                   x-ratelimit-*, framing
 //!           response_body_filter    SSE / JSON accounting (tokens::usage), O(chunk)
 //!           fail_to_proxy           upstream failures → 502/504 JSON or in-band SSE error
 //!           logging                 tokens, cost, metrics, one usage row (try_send)
@@ -291,6 +292,26 @@ const CLIENT_ONLY_HEADERS: [&str; 6] = [
     "openai-project",
     "transfer-encoding",
 ];
+
+/// Response headers that describe the provider account behind the gateway, not
+/// the client's key: its organization and project, and its rate limits (which a
+/// client would read as its own, and which the gateway's `x-ratelimit-*`
+/// replace). None of them reach the client.
+const PROVIDER_ACCOUNT_HEADERS: [&str; 2] = ["openai-organization", "openai-project"];
+const PROVIDER_LIMIT_PREFIX: &str = "x-ratelimit-";
+
+/// The names of `resp`'s provider-account headers, found in one pass (most
+/// responses have none: a removal by name would parse and probe for each).
+fn provider_account_headers(resp: &ResponseHeader) -> Vec<http::HeaderName> {
+    resp.headers
+        .keys()
+        .filter(|n| {
+            let n = n.as_str();
+            n.starts_with(PROVIDER_LIMIT_PREFIX) || PROVIDER_ACCOUNT_HEADERS.contains(&n)
+        })
+        .cloned()
+        .collect()
+}
 
 /// Present, with value `degraded`, while limits are decided without Redis.
 const DEGRADED_HEADER: &str = "x-ai4free-ratelimit";
@@ -1150,6 +1171,9 @@ impl ProxyHttp for Gateway {
                 buf: Vec::new(),
                 overflow: false,
             };
+        }
+        for name in provider_account_headers(resp) {
+            resp.remove_header(&name);
         }
         if let Some(id) = &ctx.request_id {
             resp.insert_header("x-request-id", id.as_ref())?;
