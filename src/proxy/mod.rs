@@ -33,7 +33,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::{HttpPeer, Session};
 use pingora::proxy::subrequest::pipe::{pipe_subrequest, InputBody, InputBodyType};
@@ -259,26 +259,72 @@ async fn respond(
     ctx: &Ctx,
     retry_after: Option<u64>,
 ) -> Result<()> {
-    let mut h = ResponseHeader::build(status, Some(8))?;
-    h.insert_header("content-type", content_type)?;
-    h.insert_header("content-length", body.len().to_string())?;
-    if let Some(id) = &ctx.request_id {
-        h.insert_header("x-request-id", id.as_ref())?;
-    }
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = http::StatusCode::from_u16(status)
+        .map_err(|_| Error::explain(ErrorType::InternalError, "invalid response status"))?;
+    let h = &mut parts.headers;
+    put(
+        h,
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static(content_type),
+    )?;
+    put(
+        h,
+        http::header::CONTENT_LENGTH,
+        HeaderValue::from(body.len()),
+    )?;
     if status == 401 {
-        h.insert_header("www-authenticate", "Bearer")?;
-    }
-    if let Some(v) = &ctx.verdict {
-        rate_headers(&mut h, v)?;
-    }
-    if ctx.ratelimit_degraded {
-        h.insert_header(DEGRADED_HEADER, "degraded")?;
+        put(
+            h,
+            http::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer"),
+        )?;
     }
     if let Some(s) = retry_after {
-        h.insert_header("retry-after", s.to_string())?;
+        put(h, http::header::RETRY_AFTER, HeaderValue::from(s))?;
     }
-    session.write_response_header(Box::new(h), false).await?;
+    gateway_headers(h, ctx)?;
+    session
+        .write_response_header(Box::new(ResponseHeader::from(parts)), false)
+        .await?;
     session.write_response_body(Some(body), true).await
+}
+
+/// Inserts into a header map without `HeaderMap::insert`'s panic at its size limit.
+fn put(h: &mut http::HeaderMap, name: HeaderName, value: HeaderValue) -> Result<()> {
+    h.try_insert(name, value)
+        .map(drop)
+        .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "too many response headers"))
+}
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const DEGRADED_HEADER: HeaderName = HeaderName::from_static("x-ai4free-ratelimit");
+
+/// The gateway's own response headers: the request id, the key's `x-ratelimit-*`
+/// and, while limits are decided without Redis, `x-ai4free-ratelimit: degraded`.
+///
+/// They go into the `http` map directly, not through Pingora's `insert_header`:
+/// that parses each name and copies it twice to keep a second map of original
+/// case, hashes it into both maps, and both maps, sized for the upstream's
+/// headers, grow (four headers cost ~8k instructions a request). Here the names
+/// are constants and one reserve makes room; a header without a case map is
+/// written in each name's standard case, as every header Pingora builds is.
+fn gateway_headers(h: &mut http::HeaderMap, ctx: &Ctx) -> Result<()> {
+    h.try_reserve(8)
+        .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "too many response headers"))?;
+    if let Some(id) = &ctx.request_id {
+        let id = HeaderValue::from_str(id).map_err(|_| {
+            Error::explain(ErrorType::InternalError, "request id not a header value")
+        })?;
+        put(h, X_REQUEST_ID, id)?;
+    }
+    if let Some(v) = &ctx.verdict {
+        rate_headers(h, v)?;
+    }
+    if ctx.ratelimit_degraded {
+        put(h, DEGRADED_HEADER, HeaderValue::from_static("degraded"))?;
+    }
+    Ok(())
 }
 
 /// Request headers that never go upstream: the client's credentials for the
@@ -300,10 +346,10 @@ const CLIENT_ONLY_HEADERS: [&str; 6] = [
 const PROVIDER_ACCOUNT_HEADERS: [&str; 2] = ["openai-organization", "openai-project"];
 const PROVIDER_LIMIT_PREFIX: &str = "x-ratelimit-";
 
-/// The names of `resp`'s provider-account headers, found in one pass (most
+/// The names of the provider-account headers among `headers`, found in one pass (most
 /// responses have none: a removal by name would parse and probe for each).
-fn provider_account_headers(resp: &ResponseHeader) -> Vec<http::HeaderName> {
-    resp.headers
+fn provider_account_headers(headers: &http::HeaderMap) -> Vec<HeaderName> {
+    headers
         .keys()
         .filter(|n| {
             let n = n.as_str();
@@ -313,25 +359,27 @@ fn provider_account_headers(resp: &ResponseHeader) -> Vec<http::HeaderName> {
         .collect()
 }
 
-/// Present, with value `degraded`, while limits are decided without Redis.
-const DEGRADED_HEADER: &str = "x-ai4free-ratelimit";
-
-fn rate_headers(h: &mut ResponseHeader, v: &Verdict) -> Result<()> {
+fn rate_headers(h: &mut http::HeaderMap, v: &Verdict) -> Result<()> {
+    const LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
+    const REMAINING_REQUESTS: HeaderName =
+        HeaderName::from_static("x-ratelimit-remaining-requests");
+    const RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
+    const LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
+    const REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
+    const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
+    let reset = |d| {
+        HeaderValue::try_from(limits::format_reset(d))
+            .map_err(|_| Error::explain(ErrorType::InternalError, "reset not a header value"))
+    };
     if let Some(i) = &v.requests {
-        h.insert_header("x-ratelimit-limit-requests", HeaderValue::from(i.limit))?;
-        h.insert_header(
-            "x-ratelimit-remaining-requests",
-            HeaderValue::from(i.remaining),
-        )?;
-        h.insert_header("x-ratelimit-reset-requests", limits::format_reset(i.reset))?;
+        put(h, LIMIT_REQUESTS, HeaderValue::from(i.limit))?;
+        put(h, REMAINING_REQUESTS, HeaderValue::from(i.remaining))?;
+        put(h, RESET_REQUESTS, reset(i.reset)?)?;
     }
     if let Some(i) = &v.tokens {
-        h.insert_header("x-ratelimit-limit-tokens", HeaderValue::from(i.limit))?;
-        h.insert_header(
-            "x-ratelimit-remaining-tokens",
-            HeaderValue::from(i.remaining),
-        )?;
-        h.insert_header("x-ratelimit-reset-tokens", limits::format_reset(i.reset))?;
+        put(h, LIMIT_TOKENS, HeaderValue::from(i.limit))?;
+        put(h, REMAINING_TOKENS, HeaderValue::from(i.remaining))?;
+        put(h, RESET_TOKENS, reset(i.reset)?)?;
     }
     Ok(())
 }
@@ -1172,18 +1220,15 @@ impl ProxyHttp for Gateway {
                 overflow: false,
             };
         }
-        for name in provider_account_headers(resp) {
-            resp.remove_header(&name);
+        // The header's parts without Pingora's case map (see `gateway_headers`);
+        // the placeholder allocates nothing.
+        let upstream = std::mem::replace(resp, ResponseHeader::build_no_case(200, Some(0))?);
+        let mut parts = http::response::Parts::from(upstream);
+        for name in provider_account_headers(&parts.headers) {
+            parts.headers.remove(&name);
         }
-        if let Some(id) = &ctx.request_id {
-            resp.insert_header("x-request-id", id.as_ref())?;
-        }
-        if let Some(v) = &ctx.verdict {
-            rate_headers(resp, v)?;
-        }
-        if ctx.ratelimit_degraded {
-            resp.insert_header(DEGRADED_HEADER, "degraded")?;
-        }
+        gateway_headers(&mut parts.headers, ctx)?;
+        *resp = ResponseHeader::from(parts);
         Ok(())
     }
 
