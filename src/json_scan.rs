@@ -14,7 +14,7 @@
 
 /// Nesting a skipped value may have before the cursor gives up (serde's own
 /// limit is 128).
-pub(crate) const MAX_DEPTH: u8 = 32;
+const MAX_DEPTH: u8 = 32;
 
 /// A position in a JSON text. Every method returns `None` (or `false`) on
 /// anything outside the subset above; the position is then meaningless.
@@ -212,6 +212,12 @@ impl<'a> Cursor<'a> {
             self.i += 1;
         }
     }
+}
+
+/// Marks a field as seen; `None` the second time. serde refuses a known field
+/// twice (and a `Value` map keeps the last), so a reader leaves duplicates to serde.
+pub(crate) fn once(seen: &mut bool) -> Option<()> {
+    (!std::mem::replace(seen, true)).then_some(())
 }
 
 /// Decimal digits as a `u64`; `None` past `u64::MAX` (serde reads those as floats).

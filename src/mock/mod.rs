@@ -414,9 +414,7 @@ impl Steering {
         if split == Some(0) {
             return Err("x-mock-split must be at least 1".to_owned());
         }
-        let no_usage = headers
-            .get("x-mock-no-usage")
-            .is_some_and(|v| !matches!(v.as_bytes(), b"0" | b"false" | b""));
+        let no_usage = flag(headers, "x-mock-no-usage");
         Ok(Self {
             status,
             delay: number(headers, "x-mock-delay-ms")?.map(Duration::from_millis),
@@ -429,6 +427,13 @@ impl Steering {
             completion_tokens: number(headers, "x-mock-completion-tokens")?,
         })
     }
+}
+
+/// A steering switch: on unless absent, empty, `0` or `false`.
+fn flag(headers: &HeaderMap, name: &str) -> bool {
+    headers
+        .get(name)
+        .is_some_and(|v| !matches!(v.as_bytes(), b"0" | b"false" | b""))
 }
 
 fn number<T: std::str::FromStr>(headers: &HeaderMap, name: &str) -> Result<Option<T>, String> {
@@ -448,10 +453,7 @@ async fn handle(
     shared: &Shared,
     conn: Arc<ConnState>,
 ) -> Response<MockBody> {
-    let account = req
-        .headers()
-        .get("x-mock-account-headers")
-        .is_some_and(|v| !matches!(v.as_bytes(), b"0" | b"false" | b""));
+    let account = flag(req.headers(), "x-mock-account-headers");
     let mut response = respond(req, shared, conn).await;
     if account {
         // What OpenAI sends about the account a request was billed to.

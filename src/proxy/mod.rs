@@ -294,7 +294,11 @@ async fn respond(
 fn put(h: &mut http::HeaderMap, name: HeaderName, value: HeaderValue) -> Result<()> {
     h.try_insert(name, value)
         .map(drop)
-        .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "too many response headers"))
+        .map_err(|_| too_many_headers())
+}
+
+fn too_many_headers() -> Box<Error> {
+    Error::explain(ErrorType::InvalidHTTPHeader, "too many response headers")
 }
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -310,8 +314,7 @@ const DEGRADED_HEADER: HeaderName = HeaderName::from_static("x-ai4free-ratelimit
 /// are constants and one reserve makes room; a header without a case map is
 /// written in each name's standard case, as every header Pingora builds is.
 fn gateway_headers(h: &mut http::HeaderMap, ctx: &Ctx) -> Result<()> {
-    h.try_reserve(8)
-        .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "too many response headers"))?;
+    h.try_reserve(8).map_err(|_| too_many_headers())?;
     if let Some(id) = &ctx.request_id {
         let id = HeaderValue::from_str(id).map_err(|_| {
             Error::explain(ErrorType::InternalError, "request id not a header value")
@@ -346,8 +349,8 @@ const CLIENT_ONLY_HEADERS: [&str; 6] = [
 const PROVIDER_ACCOUNT_HEADERS: [&str; 2] = ["openai-organization", "openai-project"];
 const PROVIDER_LIMIT_PREFIX: &str = "x-ratelimit-";
 
-/// The names of the provider-account headers among `headers`, found in one pass (most
-/// responses have none: a removal by name would parse and probe for each).
+/// The names of the provider-account headers among `headers` (usually none),
+/// collected so that they can be removed after the pass over the map.
 fn provider_account_headers(headers: &http::HeaderMap) -> Vec<HeaderName> {
     headers
         .keys()

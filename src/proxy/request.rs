@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::admin::report::{ReportParams, Scope};
 use crate::error::ProxyError;
-use crate::json_scan::Cursor;
+use crate::json_scan::{once, Cursor};
 
 /// The OpenAI APIs the gateway proxies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,32 +159,27 @@ fn head_direct(body: &[u8]) -> Option<RequestHead> {
         max_completion_tokens: None,
     };
     let mut model = None;
-    // serde refuses a known field twice: bit i marks field i as seen.
-    let mut seen = 0u8;
-    let mut once = |bit: u8| -> Option<()> {
-        let fresh = seen & bit == 0;
-        seen |= bit;
-        fresh.then_some(())
-    };
+    // Which known fields came (see `once`): model, stream, stream_options,
+    // max_tokens, max_completion_tokens.
+    let mut seen = [false; 5];
     c.members(|c, key| {
         match key {
             b"model" => {
-                once(1)?;
+                once(&mut seen[0])?;
                 model = Some(c.plain_str()?);
             }
             b"stream" => {
-                once(2)?;
+                once(&mut seen[1])?;
                 head.stream = boolean_or_null(c)?;
             }
             b"stream_options" => {
-                once(4)?;
+                once(&mut seen[2])?;
                 if !c.literal(b"null") {
                     head.has_stream_options = true;
                     let mut include = false;
                     c.members(|c, key| {
                         if key == b"include_usage" {
-                            // serde's map keeps the last of duplicate keys: leave those to it.
-                            (!std::mem::replace(&mut include, true)).then_some(())?;
+                            once(&mut include)?;
                             head.include_usage = boolean_or_null(c)?;
                         } else {
                             // serde parses these into a `Value` (checking what it
@@ -196,11 +191,11 @@ fn head_direct(body: &[u8]) -> Option<RequestHead> {
                 }
             }
             b"max_tokens" => {
-                once(8)?;
+                once(&mut seen[3])?;
                 head.max_tokens = u64_of(c)?;
             }
             b"max_completion_tokens" => {
-                once(16)?;
+                once(&mut seen[4])?;
                 head.max_completion_tokens = u64_of(c)?;
             }
             _ => c.skip_value(1)?,

@@ -8,7 +8,7 @@
 //! duplicate field is left to serde, which refuses it.
 
 use super::usage::Usage;
-use crate::json_scan::Cursor;
+use crate::json_scan::{once, Cursor};
 
 /// The answer serde gives for the document `{` + `tail`, where `tail` starts
 /// with `"usage"`: `Some(Some(usage))`, `Some(None)` for `"usage": null`, or
@@ -97,9 +97,4 @@ fn count(c: &mut Cursor<'_>) -> Option<u64> {
         return (digits <= 19 && !matches!(c.peek(), Some(b'.' | b'e' | b'E'))).then_some(0);
     }
     c.number()?
-}
-
-/// A field may come once: serde refuses a duplicate, so the reader leaves it to serde.
-fn once(seen: &mut bool) -> Option<()> {
-    (!std::mem::replace(seen, true)).then_some(())
 }
