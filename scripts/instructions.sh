@@ -100,7 +100,9 @@ result[bare]=$(run bare "$port" "$bin/examples/bare_proxy" --listen "127.0.0.1:$
   --upstream "127.0.0.1:$mock" --threads 1)
 echo "bare: ${result[bare]}"
 
-variants=(gateway auth limits usage counting metrics)
+# Arguments pick the variants (default: all); bare, the denominator, always runs.
+variants=("$@")
+[ ${#variants[@]} -eq 0 ] && variants=(gateway auth limits usage counting metrics)
 for v in "${variants[@]}"; do
   port=$(free_port)
   ablate=""

@@ -298,7 +298,7 @@ fn put(h: &mut http::HeaderMap, name: HeaderName, value: HeaderValue) -> Result<
 }
 
 fn too_many_headers() -> Box<Error> {
-    Error::explain(ErrorType::InvalidHTTPHeader, "too many response headers")
+    Error::explain(ErrorType::InvalidHTTPHeader, "too many headers")
 }
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -1139,29 +1139,49 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
     ) -> Result<()> {
         let (p, up) = self.target(ctx)?;
-        req.set_uri(up.uri(p.endpoint));
-        req.insert_header("host", up.host.clone())?;
+        // Rewritten in the `http` map, without Pingora's case map (as the
+        // response's headers are, see `gateway_headers`): `insert_header` parses
+        // each name and keeps a second copy of it. `req` is Pingora's per-attempt
+        // clone of the client's header, so a retry starts again from the
+        // original. The placeholder (`Request::new`'s parts) allocates nothing.
+        let placeholder = RequestHeader::from(http::Request::new(()).into_parts().0);
+        let mut parts = http::request::Parts::from(std::mem::replace(req, placeholder));
+        parts.uri = up.uri(p.endpoint);
+        let h = &mut parts.headers;
         // The client's gateway key must never leave the gateway, and the provider
-        // frames the body we send. One pass finds which of these came: a removal
-        // parses the name and probes two maps, and most are absent.
+        // frames the body we send. One pass finds which of these came: most are
+        // absent, and a removal hashes and probes.
         let mut present = [false; CLIENT_ONLY_HEADERS.len()];
-        for name in req.headers.keys() {
-            if let Some(i) = CLIENT_ONLY_HEADERS.iter().position(|h| name == h) {
+        for name in h.keys() {
+            if let Some(i) = CLIENT_ONLY_HEADERS.iter().position(|c| name == c) {
                 present[i] = true;
             }
         }
         for (name, _) in CLIENT_ONLY_HEADERS.iter().zip(present).filter(|(_, p)| *p) {
-            req.remove_header(*name);
+            h.remove(*name);
         }
+        // No reserve: the client's map usually has room for the one header
+        // this adds (`accept-encoding`), and a reserve that does grow rehashes
+        // every entry (~850 instructions here).
+        put(h, http::header::HOST, up.host.clone())?;
         if let Some(a) = &up.auth {
-            req.insert_header("authorization", a.clone())?;
+            put(h, http::header::AUTHORIZATION, a.clone())?;
         }
         for (k, v) in &up.headers {
-            req.insert_header(k.clone(), v.clone())?;
+            put(h, k.clone(), v.clone())?;
         }
         // We read usage out of the response; a compressed one would be opaque.
-        req.insert_header("accept-encoding", "identity")?;
-        req.insert_header("content-length", HeaderValue::from(p.upstream_body.len()))?;
+        put(
+            h,
+            http::header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        )?;
+        put(
+            h,
+            http::header::CONTENT_LENGTH,
+            HeaderValue::from(p.upstream_body.len()),
+        )?;
+        *req = RequestHeader::from(parts);
         Ok(())
     }
 
