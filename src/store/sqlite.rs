@@ -305,6 +305,9 @@ impl SqliteStore {
             .map_err(db_err)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(db_err)?;
+        // Room for every statement the store caches (six usage INSERT sizes
+        // among them) with headroom: an evicted 32-row INSERT costs a re-parse.
+        conn.set_prepared_statement_cache_capacity(32);
         Ok(SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
             path: path.to_path_buf(),
@@ -429,10 +432,12 @@ fn select_key(c: &Connection, id: &str) -> Result<Option<KeyRecord>, StoreError>
 /// Rows per `touch_keys` statement (two parameters each, far below SQLite's limit).
 const TOUCH_CHUNK: usize = 400;
 
-/// Rows per multi-row INSERT. A statement per row spent about a third of the
-/// row's cost on per-statement work (bind, step, halt, reset); 32 rows of 18
-/// parameters stay far below SQLite's 32,766-parameter limit.
-const INSERT_CHUNK: usize = 32;
+/// Rows per multi-row INSERT, largest first. A statement per row spent about a
+/// third of the row's cost on per-statement work (bind, step, halt, reset), so a
+/// batch goes in 32 rows at a time and its remainder in at most five more
+/// statements (its binary digits), not one per row; 32 rows of 18 parameters
+/// stay far below SQLite's 32,766-parameter limit.
+const INSERT_SIZES: [usize; 6] = [32, 16, 8, 4, 2, 1];
 
 /// `INSERT OR IGNORE` of `n` usage rows in one statement.
 fn insert_usage_sql(n: usize) -> String {
@@ -446,8 +451,7 @@ fn insert_usage_sql(n: usize) -> String {
 /// Parameters per usage row: the columns of `USAGE_COLS`, bound by [`bind_usage`].
 const USAGE_PARAMS: usize = 18;
 
-static INSERT_ONE: Lazy<String> = Lazy::new(|| insert_usage_sql(1));
-static INSERT_MANY: Lazy<String> = Lazy::new(|| insert_usage_sql(INSERT_CHUNK));
+static INSERT_SQL: Lazy<[String; 6]> = Lazy::new(|| INSERT_SIZES.map(insert_usage_sql));
 
 /// Binds `r` as the row starting at parameter `at` (1-based).
 fn bind_usage(
@@ -478,30 +482,31 @@ fn bind_usage(
 /// Inserts `rows` whose `request_id` is new and returns what they add to the
 /// rollup, or `None` when some row was already stored (a replayed batch): the
 /// caller then rolls back and uses [`insert_usage_rows`], which tells rows apart.
-/// Fresh rows, the common case, go in `INSERT_CHUNK` at a time.
+/// Fresh rows, the common case, go in as few statements as [`INSERT_SIZES`] allows.
 fn insert_usage_chunked(
     tx: &Connection,
     rows: &[UsageRecord],
 ) -> Result<Option<DailyCells>, StoreError> {
     let mut cells = Rollup::default();
-    let mut chunks = rows.chunks_exact(INSERT_CHUNK);
-    for chunk in &mut chunks {
-        let mut st = tx.prepare_cached(&INSERT_MANY).map_err(db_err)?;
-        for (i, r) in chunk.iter().enumerate() {
-            bind_usage(&mut st, 1 + i * USAGE_PARAMS, r).map_err(db_err)?;
+    let mut rest = rows;
+    for (&size, sql) in INSERT_SIZES.iter().zip(INSERT_SQL.iter()) {
+        if rest.len() < size {
+            continue;
         }
-        if st.raw_execute().map_err(db_err)? != chunk.len() {
-            return Ok(None);
+        // One statement for all chunks of a size: `prepare_cached` hashes the
+        // SQL (1.2 KB for 32 rows) to find it, and handing it back clears
+        // every parameter.
+        let mut st = tx.prepare_cached(sql).map_err(db_err)?;
+        while let Some((chunk, tail)) = rest.split_at_checked(size) {
+            for (i, r) in chunk.iter().enumerate() {
+                bind_usage(&mut st, 1 + i * USAGE_PARAMS, r).map_err(db_err)?;
+            }
+            if st.raw_execute().map_err(db_err)? != size {
+                return Ok(None);
+            }
+            chunk.iter().for_each(|r| cells.add(r));
+            rest = tail;
         }
-        chunk.iter().for_each(|r| cells.add(r));
-    }
-    let mut st = tx.prepare_cached(&INSERT_ONE).map_err(db_err)?;
-    for r in chunks.remainder() {
-        bind_usage(&mut st, 1, r).map_err(db_err)?;
-        if st.raw_execute().map_err(db_err)? != 1 {
-            return Ok(None);
-        }
-        cells.add(r);
     }
     Ok(Some(cells.finish()))
 }
@@ -511,7 +516,7 @@ fn insert_usage_chunked(
 /// adds nothing.
 fn insert_usage_rows(tx: &Connection, rows: &[UsageRecord]) -> Result<DailyCells, StoreError> {
     let mut cells = Rollup::default();
-    let mut st = tx.prepare_cached(&INSERT_ONE).map_err(db_err)?;
+    let mut st = tx.prepare_cached(&INSERT_SQL[5]).map_err(db_err)?;
     for r in rows {
         bind_usage(&mut st, 1, r).map_err(db_err)?;
         if st.raw_execute().map_err(db_err)? == 1 {
@@ -1007,10 +1012,9 @@ mod tests {
     #[test]
     fn a_usage_row_binds_one_parameter_per_column() {
         assert_eq!(USAGE_COLS.split(',').count(), USAGE_PARAMS);
-        assert_eq!(
-            INSERT_MANY.matches('?').count(),
-            USAGE_PARAMS * INSERT_CHUNK
-        );
+        for (size, sql) in INSERT_SIZES.iter().zip(INSERT_SQL.iter()) {
+            assert_eq!(sql.matches('?').count(), USAGE_PARAMS * size);
+        }
     }
     use crate::store::conformance::{rollup_fixture, rollup_model, rollup_queries};
 
