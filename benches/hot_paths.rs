@@ -313,7 +313,7 @@ fn response_usage(c: &mut Criterion) {
 /// A usage row as the proxy writes it: ids of realistic length, time-ordered.
 fn usage_row(i: u64) -> ai4free::usage::UsageRecord {
     ai4free::usage::UsageRecord {
-        request_id: ai4free::usage::new_request_id(NOW_MS + (i / 16) as i64).to_string(),
+        request_id: ai4free::usage::new_request_id(NOW_MS + (i / 16) as i64).into(),
         key_id: "nFUw4kM2WojN".into(),
         model: "gpt-4o-mini".into(),
         provider: "openai".into(),
@@ -347,7 +347,7 @@ fn usage_store(c: &mut Criterion) {
         for _ in 0..100_000 / BATCH {
             let rows: Vec<_> = (next..next + BATCH).map(usage_row).collect();
             next += BATCH;
-            store.insert_usage(&rows).await.unwrap();
+            store.insert_usage(rows.into()).await.unwrap();
         }
     });
     let mut group = c.benchmark_group("usage_store");
@@ -359,7 +359,7 @@ fn usage_store(c: &mut Criterion) {
                 next += BATCH;
                 rows
             },
-            |rows| rt.block_on(store.insert_usage(&rows)).unwrap(),
+            |rows| rt.block_on(store.insert_usage(rows.into())).unwrap(),
             criterion::BatchSize::SmallInput,
         )
     });

@@ -37,6 +37,7 @@ use pingora::services::background::BackgroundService;
 
 use super::{hash_secret, parse, FormatError, KeyRecord, KeyStatus};
 use crate::store::{Store, StoreError};
+use crate::usage::SharedStr;
 
 /// Why a presented key was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -60,6 +61,8 @@ pub enum AuthError {
 pub struct KeyEntry {
     /// The key as stored.
     pub record: KeyRecord,
+    /// `record.id`, shared by the usage rows of the key's requests.
+    pub id: SharedStr,
     /// Last use noted on this node, Unix ms (the stored value until one happens).
     used_ms: AtomicI64,
     /// The newest use known to be in the store.
@@ -77,6 +80,7 @@ impl KeyEntry {
     pub fn new(record: KeyRecord) -> KeyEntry {
         let stored = record.last_used_at_ms.unwrap_or(i64::MIN);
         KeyEntry {
+            id: SharedStr::from(record.id.as_str()),
             record,
             used_ms: AtomicI64::new(stored),
             flushed_ms: AtomicI64::new(stored),

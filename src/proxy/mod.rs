@@ -56,7 +56,7 @@ use crate::metrics;
 use crate::store::Store;
 use crate::tokens::count::Tokenizer;
 use crate::tokens::usage::{usage_from_response_body, StreamAccounting, Usage};
-use crate::usage::{self as usage_mod, TokenSource, UsageRecord, UsageSink};
+use crate::usage::{self as usage_mod, SharedStr, TokenSource, UsageRecord, UsageSink};
 
 /// Pingora replays a body read in `request_filter` only from its 64 KiB retry buffer.
 const REPLAY_LIMIT: usize = 64 * 1024;
@@ -193,6 +193,9 @@ pub struct Gateway {
     pub bench_key: Option<Arc<KeyEntry>>,
     /// Each configured model's metric series, by provider and model index.
     counters: Vec<Vec<metrics::ModelCounters>>,
+    /// Provider and model names as shared strings for usage rows, indexed like
+    /// `config.providers` and each provider's `models` (as `counters` is).
+    row_names: Vec<(SharedStr, Vec<SharedStr>)>,
 }
 
 impl Gateway {
@@ -226,8 +229,17 @@ impl Gateway {
                     .collect()
             })
             .collect();
+        let row_names = config
+            .providers
+            .iter()
+            .map(|p| {
+                let models = p.models.iter().map(|m| m.name.as_str().into()).collect();
+                (p.name.as_str().into(), models)
+            })
+            .collect();
         Gateway {
             counters,
+            row_names,
             config,
             keys,
             limiter,
@@ -770,11 +782,14 @@ impl Gateway {
             .first_byte
             .map(|t| t.saturating_duration_since(ctx.started).as_millis() as u64);
         let mut row = UsageRecord {
-            request_id: ctx.request_id.as_deref().unwrap_or_default().to_owned(),
-            key_id: key.record.id.clone(),
-            model: String::new(),
-            provider: String::new(),
-            endpoint: endpoint.path().to_owned(),
+            request_id: ctx
+                .request_id
+                .clone()
+                .map_or_else(SharedStr::empty, SharedStr::from),
+            key_id: key.id.clone(),
+            model: SharedStr::empty(),
+            provider: SharedStr::empty(),
+            endpoint: endpoint.shared_path(),
             prompt_tokens: 0,
             cached_prompt_tokens: 0,
             completion_tokens: 0,
@@ -797,9 +812,10 @@ impl Gateway {
         let Some(p) = ctx.prepared.as_ref() else {
             return Some((row, None));
         };
-        let (provider, model) = self.model_of(p)?;
-        row.model = model.name.clone();
-        row.provider = provider.name.clone();
+        let (_, model) = self.model_of(p)?;
+        let (provider_name, model_names) = self.row_names.get(p.provider)?;
+        row.model = model_names.get(p.model)?.clone();
+        row.provider = provider_name.clone();
         row.stream = p.head.stream;
         row.input_price_micros = model.input_price.micros_per_mtok as i64;
         row.output_price_micros = model.output_price.micros_per_mtok as i64;

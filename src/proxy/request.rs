@@ -6,12 +6,14 @@
 use std::borrow::Cow;
 
 use bytes::Bytes;
+use once_cell::sync::Lazy;
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::admin::report::{ReportParams, Scope};
 use crate::error::ProxyError;
 use crate::json_scan::{once, Cursor};
+use crate::usage::SharedStr;
 
 /// The OpenAI APIs the gateway proxies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +34,19 @@ impl Endpoint {
             Endpoint::Completions => "/v1/completions",
             Endpoint::Embeddings => "/v1/embeddings",
         }
+    }
+
+    /// [`Endpoint::path`] as a shared string, for usage rows (allocated once).
+    pub fn shared_path(self) -> SharedStr {
+        static PATHS: Lazy<[SharedStr; 3]> = Lazy::new(|| {
+            [
+                Endpoint::ChatCompletions,
+                Endpoint::Completions,
+                Endpoint::Embeddings,
+            ]
+            .map(|e| SharedStr::from(e.path()))
+        });
+        PATHS[self as usize].clone()
     }
 
     /// The path below the provider's base URL.

@@ -165,11 +165,11 @@ pub(super) fn key(id: &str, created_at_ms: i64) -> KeyRecord {
 
 pub(super) fn usage(request_id: &str, key_id: &str, started_at_ms: i64) -> UsageRecord {
     UsageRecord {
-        request_id: request_id.to_owned(),
-        key_id: key_id.to_owned(),
-        model: "gpt-4o-mini".to_owned(),
-        provider: "openai".to_owned(),
-        endpoint: "/v1/chat/completions".to_owned(),
+        request_id: request_id.into(),
+        key_id: key_id.into(),
+        model: "gpt-4o-mini".into(),
+        provider: "openai".into(),
+        endpoint: "/v1/chat/completions".into(),
         prompt_tokens: 12,
         cached_prompt_tokens: 2,
         completion_tokens: 30,
@@ -436,13 +436,13 @@ async fn change_feed_never_skips_under_concurrent_writes(store: Arc<dyn Store>) 
 }
 
 async fn usage_batches_never_duplicate(store: Arc<dyn Store>) {
-    store.insert_usage(&[]).await.unwrap();
+    store.insert_usage(Arc::from(&[][..])).await.unwrap();
     let first: Vec<UsageRecord> = (0..50)
         .map(|i| usage(&format!("req-{i:03}"), "k1", 1_000 + i))
         .collect();
-    store.insert_usage(&first).await.unwrap();
+    store.insert_usage(Arc::from(&first[..])).await.unwrap();
     // The writer replays a batch whose commit it could not confirm.
-    store.insert_usage(&first).await.unwrap();
+    store.insert_usage(Arc::from(&first[..])).await.unwrap();
 
     // Overlaps the first batch; the stored rows must stay the first versions.
     let second: Vec<UsageRecord> = (25..75)
@@ -451,10 +451,10 @@ async fn usage_batches_never_duplicate(store: Arc<dyn Store>) {
             ..usage(&format!("req-{i:03}"), "k1", 1_000 + i)
         })
         .collect();
-    store.insert_usage(&second).await.unwrap();
+    store.insert_usage(Arc::from(&second[..])).await.unwrap();
     // The same request id twice inside one batch.
     let twice = [usage("req-x", "k2", 5), usage("req-x", "k2", 5)];
-    store.insert_usage(&twice).await.unwrap();
+    store.insert_usage(Arc::from(&twice[..])).await.unwrap();
 
     let rows = store.query_usage(&all()).await.unwrap();
     let ids: HashSet<&str> = rows.iter().map(|r| r.request_id.as_str()).collect();
@@ -495,8 +495,8 @@ async fn usage_query_filters(store: Arc<dyn Store>) {
         };
         rows.push(usage(&id, key, 1_000 + (i / 2) * 10));
     }
-    store.insert_usage(&rows[..17]).await.unwrap();
-    store.insert_usage(&rows[17..]).await.unwrap();
+    store.insert_usage(Arc::from(&rows[..17])).await.unwrap();
+    store.insert_usage(Arc::from(&rows[17..])).await.unwrap();
 
     let queries = [
         all(),
@@ -544,10 +544,10 @@ fn report(rows: &[UsageRecord], q: &UsageQuery) -> Vec<ReportRow> {
     let mut groups: BTreeMap<(String, String), ReportRow> = BTreeMap::new();
     for r in filter(rows, q) {
         let g = groups
-            .entry((r.key_id.clone(), r.model.clone()))
+            .entry((r.key_id.to_string(), r.model.to_string()))
             .or_insert_with(|| ReportRow {
-                key_id: r.key_id.clone(),
-                model: r.model.clone(),
+                key_id: r.key_id.to_string(),
+                model: r.model.to_string(),
                 requests: 0,
                 ok_requests: 0,
                 prompt_tokens: 0,
@@ -572,7 +572,7 @@ async fn usage_report_sums_exactly(store: Arc<dyn Store>) {
             ["k1", "k2"][(i % 2) as usize],
             1_000 + i,
         );
-        r.model = ["gpt-4o", "llama-3", "Gpt-4o"][(i % 3) as usize].to_owned();
+        r.model = ["gpt-4o", "llama-3", "Gpt-4o"][(i % 3) as usize].into();
         r.status = statuses[(i % 8) as usize];
         r.prompt_tokens = 1_000 + i as u64 * 7;
         r.completion_tokens = 10 * i as u64;
@@ -588,7 +588,7 @@ async fn usage_report_sums_exactly(store: Arc<dyn Store>) {
         r.cost_pusd = *cost;
         rows.push(r);
     }
-    store.insert_usage(&rows).await.unwrap();
+    store.insert_usage(Arc::from(&rows[..])).await.unwrap();
 
     let queries = [
         all(),
@@ -644,15 +644,15 @@ async fn optional_fields_and_odd_text_round_trip(store: Arc<dyn Store>) {
         r.status = [0, 599, 200, 404][i];
         r.ttfb_ms = (i % 2 == 1).then_some(i as u64 * 1_000);
         r.error = (i != 0).then(|| format!("{odd} #{i}"));
-        r.model = String::new();
-        r.provider = "prov'ider".to_owned();
+        r.model = "".into();
+        r.provider = "prov'ider".into();
         r.prompt_tokens = i64::MAX as u64;
         r.cached_prompt_tokens = 0;
         r.cost_pusd = -5;
         r.latency_ms = 0;
         rows.push(r);
     }
-    store.insert_usage(&rows).await.unwrap();
+    store.insert_usage(Arc::from(&rows[..])).await.unwrap();
     assert_eq!(store.query_usage(&all()).await.unwrap(), rows);
     let by_key = UsageQuery {
         key_id: Some(odd.to_owned()),
@@ -1167,8 +1167,8 @@ pub(super) fn rollup_model(
         }
         let g = match q.group_by {
             GroupBy::Day => Some(day),
-            GroupBy::Model => Some(r.model.clone()),
-            GroupBy::Key => Some(r.key_id.clone()),
+            GroupBy::Model => Some(r.model.to_string()),
+            GroupBy::Key => Some(r.key_id.to_string()),
             GroupBy::Owner => owner,
             GroupBy::Project => project,
         };
@@ -1283,17 +1283,20 @@ async fn rollup_equals_a_direct_aggregation(store: Arc<dyn Store>) {
     for k in &keys {
         store.insert_key(k).await.unwrap();
     }
-    store.insert_usage(&rows[..70]).await.unwrap();
+    store.insert_usage(Arc::from(&rows[..70])).await.unwrap();
     // Replays and duplicates: the overlap and the in-batch twin must not count twice.
-    store.insert_usage(&rows[..70]).await.unwrap();
+    store.insert_usage(Arc::from(&rows[..70])).await.unwrap();
     // A batch whose only stored row comes last, after more fresh rows than one
     // multi-row statement holds: the fresh rows count once, the stored one not again.
     let mut late_replay = rows[70..110].to_vec();
     late_replay.push(rows[5].clone());
-    store.insert_usage(&late_replay).await.unwrap();
-    store.insert_usage(&rows[50..]).await.unwrap();
+    store
+        .insert_usage(Arc::from(&late_replay[..]))
+        .await
+        .unwrap();
+    store.insert_usage(Arc::from(&rows[50..])).await.unwrap();
     let twin = [rows[3].clone(), rows[3].clone()];
-    store.insert_usage(&twin).await.unwrap();
+    store.insert_usage(Arc::new(twin)).await.unwrap();
     for q in rollup_queries() {
         assert_eq!(
             store.usage_rollup(&q).await.unwrap(),

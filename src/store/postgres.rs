@@ -28,6 +28,7 @@
 
 use std::borrow::Cow;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -367,11 +368,11 @@ fn keys_from_rows(rows: &[Row], op: &'static str) -> Result<Vec<KeyRecord>, Stor
 fn usage_from_row(r: &Row) -> Result<UsageRecord, tokio_postgres::Error> {
     let source: String = r.try_get(13)?;
     Ok(UsageRecord {
-        request_id: r.try_get(0)?,
-        key_id: r.try_get(1)?,
-        model: r.try_get(2)?,
-        provider: r.try_get(3)?,
-        endpoint: r.try_get(4)?,
+        request_id: r.try_get::<_, &str>(0)?.into(),
+        key_id: r.try_get::<_, &str>(1)?.into(),
+        model: r.try_get::<_, &str>(2)?.into(),
+        provider: r.try_get::<_, &str>(3)?.into(),
+        endpoint: r.try_get::<_, &str>(4)?.into(),
         prompt_tokens: r.try_get::<_, i64>(5)?.max(0) as u64,
         cached_prompt_tokens: r.try_get::<_, i64>(6)?.max(0) as u64,
         completion_tokens: r.try_get::<_, i64>(7)?.max(0) as u64,
@@ -884,7 +885,8 @@ impl Store for PostgresStore {
         }
     }
 
-    async fn insert_usage(&self, rows: &[UsageRecord]) -> Result<(), StoreError> {
+    async fn insert_usage(&self, rows: Arc<[UsageRecord]>) -> Result<(), StoreError> {
+        let rows = &*rows;
         if rows.is_empty() {
             return Ok(());
         }
@@ -1119,7 +1121,6 @@ mod tests {
     use std::net::{SocketAddr, TcpListener};
     use std::path::PathBuf;
     use std::process::Command;
-    use std::sync::Arc;
 
     use super::*;
     use crate::store::conformance::{
@@ -1534,7 +1535,7 @@ mod tests {
                 ..usage("nul", "k", 2)
             },
         ];
-        store.insert_usage(&rows).await.unwrap();
+        store.insert_usage(Arc::from(&rows[..])).await.unwrap();
         let got = store.query_usage(&UsageQuery::default()).await.unwrap();
         assert_eq!(got.len(), 2);
         assert_eq!(got[1].error.as_deref(), Some("bad\u{FFFD}byte"));
@@ -1547,7 +1548,10 @@ mod tests {
         let opts = quick();
         let store = Arc::new(migrated(&pg.url(), opts.clone()).await);
         store.insert_key(&key("k1", 1)).await.unwrap();
-        store.insert_usage(&[usage("r1", "k1", 1)]).await.unwrap();
+        store
+            .insert_usage(vec![usage("r1", "k1", 1)].into())
+            .await
+            .unwrap();
         // Warm every pooled connection, so the outage leaves dead ones behind.
         for rev in max_rev_from_many_tasks(&store, opts.pool_size).await {
             assert!(rev.unwrap() > 0);
@@ -1558,7 +1562,11 @@ mod tests {
         for _ in 0..3 {
             let started = std::time::Instant::now();
             database_error(store.get_key("k1").await);
-            database_error(store.insert_usage(&[usage("r-down", "k1", 2)]).await);
+            database_error(
+                store
+                    .insert_usage(vec![usage("r-down", "k1", 2)].into())
+                    .await,
+            );
             database_error(store.max_key_rev().await);
             let took = started.elapsed();
             assert!(
@@ -1586,13 +1594,16 @@ mod tests {
         for rev in max_rev_from_many_tasks(&store, 2 * opts.pool_size).await {
             assert_eq!(rev.unwrap(), k1.rev);
         }
-        store.insert_usage(&[usage("r2", "k1", 3)]).await.unwrap();
+        store
+            .insert_usage(vec![usage("r2", "k1", 3)].into())
+            .await
+            .unwrap();
         let ids: Vec<String> = store
             .query_usage(&UsageQuery::default())
             .await
             .unwrap()
             .into_iter()
-            .map(|r| r.request_id)
+            .map(|r| r.request_id.into())
             .collect();
         assert_eq!(ids, ["r1", "r2"]);
     }
@@ -1642,7 +1653,7 @@ mod tests {
                 "{q:?}"
             );
         }
-        store.insert_usage(&rows).await.unwrap();
+        store.insert_usage(Arc::from(&rows[..])).await.unwrap();
         let q = RollupQuery::default();
         assert_eq!(
             store.usage_rollup(&q).await.unwrap(),

@@ -386,11 +386,11 @@ fn key_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRecord> {
 fn usage_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UsageRecord> {
     let source: String = r.get(13)?;
     Ok(UsageRecord {
-        request_id: r.get(0)?,
-        key_id: r.get(1)?,
-        model: r.get(2)?,
-        provider: r.get(3)?,
-        endpoint: r.get(4)?,
+        request_id: r.get::<_, String>(0)?.into(),
+        key_id: r.get::<_, String>(1)?.into(),
+        model: r.get::<_, String>(2)?.into(),
+        provider: r.get::<_, String>(3)?.into(),
+        endpoint: r.get::<_, String>(4)?.into(),
         prompt_tokens: r.get::<_, i64>(5)?.max(0) as u64,
         cached_prompt_tokens: r.get::<_, i64>(6)?.max(0) as u64,
         completion_tokens: r.get::<_, i64>(7)?.max(0) as u64,
@@ -459,11 +459,11 @@ fn bind_usage(
     at: usize,
     r: &UsageRecord,
 ) -> rusqlite::Result<()> {
-    st.raw_bind_parameter(at, &r.request_id)?;
-    st.raw_bind_parameter(at + 1, &r.key_id)?;
-    st.raw_bind_parameter(at + 2, &r.model)?;
-    st.raw_bind_parameter(at + 3, &r.provider)?;
-    st.raw_bind_parameter(at + 4, &r.endpoint)?;
+    st.raw_bind_parameter(at, r.request_id.as_str())?;
+    st.raw_bind_parameter(at + 1, r.key_id.as_str())?;
+    st.raw_bind_parameter(at + 2, r.model.as_str())?;
+    st.raw_bind_parameter(at + 3, r.provider.as_str())?;
+    st.raw_bind_parameter(at + 4, r.endpoint.as_str())?;
     st.raw_bind_parameter(at + 5, to_i64(r.prompt_tokens))?;
     st.raw_bind_parameter(at + 6, to_i64(r.cached_prompt_tokens))?;
     st.raw_bind_parameter(at + 7, to_i64(r.completion_tokens))?;
@@ -545,7 +545,7 @@ impl<'a> Rollup<'a> {
         );
         let day = day_number(r.started_at_ms);
         match &mut self.run {
-            Some((rd, rk, rm, sum)) if *rd == day && *rk == r.key_id && *rm == r.model => {
+            Some((rd, rk, rm, sum)) if *rd == day && *rk == &*r.key_id && *rm == &*r.model => {
                 sum.add(&d)
             }
             run => {
@@ -660,8 +660,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn insert_usage(&self, rows: &[UsageRecord]) -> Result<(), StoreError> {
-        let rows = rows.to_vec();
+    async fn insert_usage(&self, rows: Arc<[UsageRecord]>) -> Result<(), StoreError> {
         self.with(move |c| {
             let tx = c
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
@@ -1027,7 +1026,7 @@ mod tests {
         for k in &keys {
             store.insert_key(k).await.unwrap();
         }
-        store.insert_usage(&rows).await.unwrap();
+        store.insert_usage(Arc::from(&rows[..])).await.unwrap();
         let before = store.query_usage(&UsageQuery::default()).await.unwrap();
         assert_eq!(before.len(), rows.len());
 
@@ -1061,7 +1060,7 @@ mod tests {
         // The primary key is the table itself: one secondary index is left.
         assert_eq!(indexes, ["usage_key_started"]);
         // A replay after the move adds nothing, to the rows or to the rollup.
-        store.insert_usage(&rows).await.unwrap();
+        store.insert_usage(Arc::from(&rows[..])).await.unwrap();
         assert_eq!(
             store.query_usage(&UsageQuery::default()).await.unwrap(),
             before
@@ -1102,7 +1101,7 @@ mod tests {
             );
         }
         // A replay of the old rows after the upgrade adds nothing.
-        store.insert_usage(&rows).await.unwrap();
+        store.insert_usage(Arc::from(&rows[..])).await.unwrap();
         let q = RollupQuery::default();
         assert_eq!(
             store.usage_rollup(&q).await.unwrap(),

@@ -379,7 +379,7 @@ mod tests {
 
     fn row(i: usize) -> UsageRecord {
         UsageRecord {
-            request_id: format!("req-{i}"),
+            request_id: format!("req-{i}").into(),
             key_id: "key".into(),
             model: "gpt-4o-mini".into(),
             provider: "mock".into(),

@@ -194,8 +194,8 @@ async fn run(
             if buf.is_empty() {
                 break;
             }
-            w.store_batch(&buf).await;
-            buf.clear();
+            // Moved, not cloned, into the shared batch the store takes.
+            w.store_batch(buf.drain(..).collect()).await;
         }
         w.replay(interval).await;
         w.sync_spool(false);
@@ -249,8 +249,9 @@ impl Writer {
         }
     }
 
-    async fn insert(&self, rows: &[UsageRecord]) -> Result<(), StoreError> {
+    async fn insert(&self, rows: Arc<[UsageRecord]>) -> Result<(), StoreError> {
         let started = Instant::now();
+        let n = rows.len() as u64;
         let res =
             match tokio::time::timeout(STORE_CALL_TIMEOUT, self.store.insert_usage(rows)).await {
                 Ok(r) => r,
@@ -259,7 +260,7 @@ impl Writer {
         match &res {
             Ok(()) => {
                 metrics::USAGE_FLUSH_SECONDS.observe(started.elapsed().as_secs_f64());
-                metrics::USAGE_RECORDS_WRITTEN.inc_by(rows.len() as u64);
+                metrics::USAGE_RECORDS_WRITTEN.inc_by(n);
             }
             Err(_) => metrics::USAGE_WRITE_ERRORS.inc(),
         }
@@ -267,9 +268,9 @@ impl Writer {
     }
 
     /// Writes a fresh batch, or spools it when the store is failing.
-    async fn store_batch(&mut self, rows: &[UsageRecord]) {
+    async fn store_batch(&mut self, rows: Arc<[UsageRecord]>) {
         if self.healthy {
-            match self.insert(rows).await {
+            match self.insert(rows.clone()).await {
                 Ok(()) => {
                     self.stats.written += rows.len() as u64;
                     return;
@@ -277,7 +278,7 @@ impl Writer {
                 Err(e) => self.failed(&e),
             }
         }
-        self.spool_rows(rows);
+        self.spool_rows(&rows);
     }
 
     fn spool_rows(&mut self, rows: &[UsageRecord]) {
@@ -321,7 +322,7 @@ impl Writer {
         }
         let started = Instant::now();
         loop {
-            let batch = match self.spool.peek() {
+            let mut batch = match self.spool.peek() {
                 Ok(Some(b)) => b,
                 Ok(None) => break,
                 Err(e) => {
@@ -330,9 +331,9 @@ impl Writer {
                     break;
                 }
             };
-            match self.insert(&batch.rows).await {
+            let n = batch.rows.len() as u64;
+            match self.insert(std::mem::take(&mut batch.rows).into()).await {
                 Ok(()) => {
-                    let n = batch.rows.len() as u64;
                     self.stats.written += n;
                     self.stats.replayed += n;
                     metrics::USAGE_RECORDS_REPLAYED.inc_by(n);
@@ -439,7 +440,7 @@ mod tests {
         async fn max_key_rev(&self) -> Result<i64, StoreError> {
             self.inner.max_key_rev().await
         }
-        async fn insert_usage(&self, rows: &[UsageRecord]) -> Result<(), StoreError> {
+        async fn insert_usage(&self, rows: Arc<[UsageRecord]>) -> Result<(), StoreError> {
             self.calls.fetch_add(1, Ordering::Relaxed);
             let delay = self.delay_ms.load(Ordering::Relaxed);
             if delay > 0 {
@@ -528,7 +529,7 @@ mod tests {
 
     fn rec(i: usize) -> UsageRecord {
         UsageRecord {
-            request_id: format!("r{i:06}"),
+            request_id: format!("r{i:06}").into(),
             key_id: "k".into(),
             model: "m".into(),
             provider: "p".into(),
@@ -555,7 +556,7 @@ mod tests {
             .unwrap()
             .block_on(s.inner.query_usage(&UsageQuery::default()))
             .unwrap();
-        rows.into_iter().map(|r| r.request_id).collect()
+        rows.into_iter().map(|r| r.request_id.into()).collect()
     }
 
     fn wait_until(mut f: impl FnMut() -> bool) {
