@@ -323,6 +323,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_shared_str_is_a_string_to_serde_and_to_comparisons() {
+        let s = SharedStr::from("req-1");
+        assert_eq!(serde_json::to_string(&s).unwrap(), r#""req-1""#);
+        let back: SharedStr = serde_json::from_str(r#""req-1""#).unwrap();
+        assert_eq!(back, s);
+        assert!(s == "req-1" && "req-1" == s && s == *"req-1");
+        assert!(s == String::from("req-1") && String::from("req-1") == s);
+        assert!(s != "req-2");
+        assert_eq!(format!("{s} {s:?}"), r#"req-1 "req-1""#);
+        assert_eq!(String::from(s.clone()), "req-1");
+        // The empty name is one allocation for every row that has no model.
+        assert!(Arc::ptr_eq(&SharedStr::empty().0, &SharedStr::empty().0));
+        assert_eq!(SharedStr::empty(), "");
+    }
+
+    #[test]
+    fn a_spooled_row_keeps_its_json_shape() {
+        // What a spool written before the identifiers were shared holds.
+        let line = r#"{"request_id":"r1","key_id":"k1","model":"m","provider":"p","endpoint":"/v1/chat/completions","prompt_tokens":1,"cached_prompt_tokens":0,"completion_tokens":2,"cost_pusd":3,"input_price_micros":4,"output_price_micros":5,"status":200,"stream":false,"token_source":"provider","started_at_ms":6,"latency_ms":7,"ttfb_ms":null,"error":null}"#;
+        let row: UsageRecord = serde_json::from_str(line).unwrap();
+        assert_eq!((row.request_id.as_str(), row.key_id.as_str()), ("r1", "k1"));
+        assert_eq!(serde_json::to_string(&row).unwrap(), line);
+    }
+
+    #[test]
     fn cost_is_exact() {
         // 1,000,000 tokens at 0.15 $/Mtok = 0.15 $
         let c = cost_pusd(1_000_000, 0, 0, 150_000, None, 600_000);
