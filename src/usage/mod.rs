@@ -328,9 +328,13 @@ mod tests {
         assert_eq!(serde_json::to_string(&s).unwrap(), r#""req-1""#);
         let back: SharedStr = serde_json::from_str(r#""req-1""#).unwrap();
         assert_eq!(back, s);
-        assert!(s == "req-1" && "req-1" == s && s == *"req-1");
-        assert!(s == String::from("req-1") && String::from("req-1") == s);
-        assert!(s != "req-2");
+        let (text, owned) = ("req-1", String::from("req-1"));
+        assert_eq!(s, text);
+        assert_eq!(text, s);
+        assert_eq!(s, *text);
+        assert_eq!(s, owned);
+        assert_eq!(owned, s);
+        assert_ne!(s, "req-2");
         assert_eq!(format!("{s} {s:?}"), r#"req-1 "req-1""#);
         assert_eq!(String::from(s.clone()), "req-1");
         // The empty name is one allocation for every row that has no model.
