@@ -191,11 +191,21 @@ pub struct Gateway {
     pub store: Arc<dyn Store>,
     /// With `bench_ablate: [auth]`, the one key every request runs as.
     pub bench_key: Option<Arc<KeyEntry>>,
-    /// Each configured model's metric series, by provider and model index.
-    counters: Vec<Vec<metrics::ModelCounters>>,
-    /// Provider and model names as shared strings for usage rows, indexed like
-    /// `config.providers` and each provider's `models` (as `counters` is).
-    row_names: Vec<(SharedStr, Vec<SharedStr>)>,
+    /// What the gateway keeps per configured provider and model, indexed like
+    /// `config.providers` and each provider's `models`.
+    slots: Vec<ProviderSlot>,
+}
+
+/// A configured provider's name as its usage rows carry it, and its models.
+struct ProviderSlot {
+    name: SharedStr,
+    models: Vec<ModelSlot>,
+}
+
+/// A configured model's metric series and its name as usage rows carry it.
+struct ModelSlot {
+    name: SharedStr,
+    counters: metrics::ModelCounters,
 }
 
 impl Gateway {
@@ -219,27 +229,23 @@ impl Gateway {
         for name in config.ablate.names() {
             log::warn!("bench_ablate: {name} is OFF; this configuration is for benchmarks only");
         }
-        let counters = config
+        let slots = config
             .providers
             .iter()
-            .map(|p| {
-                p.models
+            .map(|p| ProviderSlot {
+                name: p.name.as_str().into(),
+                models: p
+                    .models
                     .iter()
-                    .map(|m| metrics::ModelCounters::new(&m.name))
-                    .collect()
-            })
-            .collect();
-        let row_names = config
-            .providers
-            .iter()
-            .map(|p| {
-                let models = p.models.iter().map(|m| m.name.as_str().into()).collect();
-                (p.name.as_str().into(), models)
+                    .map(|m| ModelSlot {
+                        name: m.name.as_str().into(),
+                        counters: metrics::ModelCounters::new(&m.name),
+                    })
+                    .collect(),
             })
             .collect();
         Gateway {
-            counters,
-            row_names,
+            slots,
             config,
             keys,
             limiter,
@@ -432,6 +438,12 @@ impl Gateway {
     /// The provider and model a prepared call resolved to.
     fn model_of(&self, p: &Prepared) -> Option<(&Provider, &Model)> {
         let provider = self.config.providers.get(p.provider)?;
+        Some((provider, provider.models.get(p.model)?))
+    }
+
+    /// The prepared call's provider and model slots.
+    fn slots_of(&self, p: &Prepared) -> Option<(&ProviderSlot, &ModelSlot)> {
+        let provider = self.slots.get(p.provider)?;
         Some((provider, provider.models.get(p.model)?))
     }
 
@@ -813,9 +825,9 @@ impl Gateway {
             return Some((row, None));
         };
         let (_, model) = self.model_of(p)?;
-        let (provider_name, model_names) = self.row_names.get(p.provider)?;
-        row.model = model_names.get(p.model)?.clone();
-        row.provider = provider_name.clone();
+        let (provider_slot, model_slot) = self.slots_of(p)?;
+        row.model = model_slot.name.clone();
+        row.provider = provider_slot.name.clone();
         row.stream = p.head.stream;
         row.input_price_micros = model.input_price.micros_per_mtok as i64;
         row.output_price_micros = model.output_price.micros_per_mtok as i64;
@@ -1261,7 +1273,8 @@ impl ProxyHttp for Gateway {
         }
         // The header's parts without Pingora's case map (see `gateway_headers`);
         // the placeholder allocates nothing.
-        let upstream = std::mem::replace(resp, ResponseHeader::build_no_case(200, Some(0))?);
+        let placeholder = ResponseHeader::from(http::Response::new(()).into_parts().0);
+        let upstream = std::mem::replace(resp, placeholder);
         let mut parts = http::response::Parts::from(upstream);
         for name in provider_account_headers(&parts.headers) {
             parts.headers.remove(&name);
@@ -1436,7 +1449,7 @@ impl ProxyHttp for Gateway {
         }
         let target = ctx.prepared.as_ref().and_then(|p| {
             let (_, model) = self.model_of(p)?;
-            Some((model, self.counters.get(p.provider)?.get(p.model)?))
+            Some((model, &self.slots_of(p)?.1.counters))
         });
         let model = target.map(|(m, _)| m);
         let counters = target.map(|(_, c)| c);

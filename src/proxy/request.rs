@@ -46,7 +46,12 @@ impl Endpoint {
             ]
             .map(|e| SharedStr::from(e.path()))
         });
-        PATHS[self as usize].clone()
+        let [chat, completions, embeddings] = &*PATHS;
+        match self {
+            Endpoint::ChatCompletions => chat.clone(),
+            Endpoint::Completions => completions.clone(),
+            Endpoint::Embeddings => embeddings.clone(),
+        }
     }
 
     /// The path below the provider's base URL.
