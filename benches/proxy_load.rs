@@ -84,14 +84,21 @@ impl Proc {
 
     /// User + system CPU time consumed so far.
     fn cpu(&self) -> Duration {
+        let (user, system) = self.cpu_split();
+        user + system
+    }
+
+    /// User and system CPU time consumed so far, apart: the kernel's share
+    /// (the TCP path, wake-ups) is most of a proxy's cost on loopback.
+    fn cpu_split(&self) -> (Duration, Duration) {
         let stat =
             std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
         // Fields after the parenthesised command name; utime and stime are 14 and 15.
         let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
         let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-            + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-        Duration::from_millis(ticks * 1000 / clk_tck())
+        let ticks = |i: usize| -> u64 { f.get(i).and_then(|v| v.parse().ok()).unwrap_or(0) };
+        let ms = |t: u64| Duration::from_millis(t * 1000 / clk_tck());
+        (ms(ticks(11)), ms(ticks(12)))
     }
 
     fn rss_kib(&self) -> u64 {
@@ -707,11 +714,13 @@ fn ratios(rates: &[f64], base: &[f64]) -> (f64, String) {
 fn saturation(rt: &tokio::runtime::Runtime, systems: &[System<'_>], out: &mut String) {
     const WARMUP: Duration = Duration::from_secs(1);
     const MEASURED: Duration = Duration::from_secs(4);
-    // (req/s, CPU µs per request, CPU seconds per second, errors)
-    let mut found: Vec<Vec<(f64, f64, f64, u64)>> = systems.iter().map(|_| Vec::new()).collect();
+    // (req/s, CPU µs per request, CPU seconds per second, errors, user and
+    // system µs per request)
+    type Round = (f64, f64, f64, u64, f64, f64);
+    let mut found: Vec<Vec<Round>> = systems.iter().map(|_| Vec::new()).collect();
     for round in 0..ROUNDS {
         for (i, sys) in systems.iter().enumerate() {
-            let (cpu0, t0) = (sys.proc.cpu(), Instant::now());
+            let ((user0, sys0), t0) = (sys.proc.cpu_split(), Instant::now());
             let r = rt
                 .block_on(loadgen::saturate(
                     &sys.target,
@@ -721,19 +730,25 @@ fn saturation(rt: &tokio::runtime::Runtime, systems: &[System<'_>], out: &mut St
                     Duration::from_secs(2),
                 ))
                 .unwrap();
-            let busy =
-                sys.proc.cpu().saturating_sub(cpu0).as_secs_f64() / t0.elapsed().as_secs_f64();
-            let cpu_us = if r.rate > 0.0 {
-                busy * 1e6 / r.rate
-            } else {
-                f64::NAN
+            let elapsed = t0.elapsed().as_secs_f64();
+            let (user1, sys1) = sys.proc.cpu_split();
+            let user = user1.saturating_sub(user0).as_secs_f64() / elapsed;
+            let system = sys1.saturating_sub(sys0).as_secs_f64() / elapsed;
+            let busy = user + system;
+            let per_req = |share: f64| {
+                if r.rate > 0.0 {
+                    share * 1e6 / r.rate
+                } else {
+                    f64::NAN
+                }
             };
+            let cpu_us = per_req(busy);
             let errors = r.errors + r.non_2xx;
             eprintln!(
                 "  round {round} {:<22} {:>8.0} req/s  cpu {cpu_us:>6.1} µs/req  core busy {busy:.2}  errors {errors}",
                 sys.name, r.rate
             );
-            found[i].push((r.rate, cpu_us, busy, errors));
+            found[i].push((r.rate, cpu_us, busy, errors, per_req(user), per_req(system)));
         }
     }
     let rates: Vec<Vec<f64>> = found
@@ -743,18 +758,20 @@ fn saturation(rt: &tokio::runtime::Runtime, systems: &[System<'_>], out: &mut St
     let name = &systems[0].name;
     writeln!(
         out,
-        "| system | req/s, median (spread) | ratio to {name} | per-round ratio to {name}, median (spread) | CPU µs/req | core busy | errors |\n|---|---|---|---|---|---|---|"
+        "| system | req/s, median (spread) | ratio to {name} | per-round ratio to {name}, median (spread) | CPU µs/req | user + system µs/req | core busy | errors |\n|---|---|---|---|---|---|---|---|"
     )
     .unwrap();
     for (i, sys) in systems.iter().enumerate() {
         let (ratio, per_round) = ratios(&rates[i], &rates[0]);
         writeln!(
             out,
-            "| {} | {:.0} ({}) | {ratio:.2} | {per_round} | {:.1} | {:.2} | {} |",
+            "| {} | {:.0} ({}) | {ratio:.2} | {per_round} | {:.1} | {:.1} + {:.1} | {:.2} | {} |",
             sys.name,
             median(rates[i].clone()),
             spread(&rates[i], 0),
             median(found[i].iter().map(|x| x.1).collect()),
+            median(found[i].iter().map(|x| x.4).collect()),
+            median(found[i].iter().map(|x| x.5).collect()),
             median(found[i].iter().map(|x| x.2).collect()),
             found[i].iter().map(|x| x.3).sum::<u64>(),
         )
