@@ -321,7 +321,17 @@ impl StreamingResponse {
 async fn open(addr: SocketAddr, raw_request: &[u8]) -> io::Result<StreamingResponse> {
     let mut conn = TcpStream::connect(addr).await?;
     conn.set_nodelay(true)?;
-    conn.write_all(raw_request).await?;
+    if let Err(e) = conn.write_all(raw_request).await {
+        // A server may answer before it has read the whole request (a 413 on
+        // the declared length) and close; the answer is still readable, and
+        // the write then fails with EPIPE or a reset, depending on timing.
+        if !matches!(
+            e.kind(),
+            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+        ) {
+            return Err(e);
+        }
+    }
     let is_head = raw_request.starts_with(b"HEAD ");
     let mut buf = BytesMut::with_capacity(16 * 1024);
     loop {
