@@ -714,9 +714,16 @@ fn ratios(rates: &[f64], base: &[f64]) -> (f64, String) {
 fn saturation(rt: &tokio::runtime::Runtime, systems: &[System<'_>], out: &mut String) {
     const WARMUP: Duration = Duration::from_secs(1);
     const MEASURED: Duration = Duration::from_secs(4);
-    // (req/s, CPU µs per request, CPU seconds per second, errors, user and
-    // system µs per request)
-    type Round = (f64, f64, f64, u64, f64, f64);
+    /// One system's round: its rate, CPU per request (all, user, system), how
+    /// busy its core was (CPU seconds per second) and its errors.
+    struct Round {
+        rate: f64,
+        cpu_us: f64,
+        user_us: f64,
+        system_us: f64,
+        busy: f64,
+        errors: u64,
+    }
     let mut found: Vec<Vec<Round>> = systems.iter().map(|_| Vec::new()).collect();
     for round in 0..ROUNDS {
         for (i, sys) in systems.iter().enumerate() {
@@ -748,12 +755,19 @@ fn saturation(rt: &tokio::runtime::Runtime, systems: &[System<'_>], out: &mut St
                 "  round {round} {:<22} {:>8.0} req/s  cpu {cpu_us:>6.1} µs/req  core busy {busy:.2}  errors {errors}",
                 sys.name, r.rate
             );
-            found[i].push((r.rate, cpu_us, busy, errors, per_req(user), per_req(system)));
+            found[i].push(Round {
+                rate: r.rate,
+                cpu_us,
+                user_us: per_req(user),
+                system_us: per_req(system),
+                busy,
+                errors,
+            });
         }
     }
     let rates: Vec<Vec<f64>> = found
         .iter()
-        .map(|f| f.iter().map(|x| x.0).collect())
+        .map(|f| f.iter().map(|x| x.rate).collect())
         .collect();
     let name = &systems[0].name;
     writeln!(
@@ -769,11 +783,11 @@ fn saturation(rt: &tokio::runtime::Runtime, systems: &[System<'_>], out: &mut St
             sys.name,
             median(rates[i].clone()),
             spread(&rates[i], 0),
-            median(found[i].iter().map(|x| x.1).collect()),
-            median(found[i].iter().map(|x| x.4).collect()),
-            median(found[i].iter().map(|x| x.5).collect()),
-            median(found[i].iter().map(|x| x.2).collect()),
-            found[i].iter().map(|x| x.3).sum::<u64>(),
+            median(found[i].iter().map(|x| x.cpu_us).collect()),
+            median(found[i].iter().map(|x| x.user_us).collect()),
+            median(found[i].iter().map(|x| x.system_us).collect()),
+            median(found[i].iter().map(|x| x.busy).collect()),
+            found[i].iter().map(|x| x.errors).sum::<u64>(),
         )
         .unwrap();
     }

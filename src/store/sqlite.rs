@@ -453,6 +453,12 @@ const USAGE_PARAMS: usize = 18;
 
 static INSERT_SQL: Lazy<[String; 6]> = Lazy::new(|| INSERT_SIZES.map(insert_usage_sql));
 
+/// The one-row INSERT: the last of [`INSERT_SQL`].
+fn insert_one_sql() -> &'static str {
+    const { assert!(INSERT_SIZES[INSERT_SIZES.len() - 1] == 1) };
+    &INSERT_SQL[INSERT_SIZES.len() - 1]
+}
+
 /// Binds `r` as the row starting at parameter `at` (1-based).
 fn bind_usage(
     st: &mut rusqlite::Statement<'_>,
@@ -516,7 +522,7 @@ fn insert_usage_chunked(
 /// adds nothing.
 fn insert_usage_rows(tx: &Connection, rows: &[UsageRecord]) -> Result<DailyCells, StoreError> {
     let mut cells = Rollup::default();
-    let mut st = tx.prepare_cached(&INSERT_SQL[5]).map_err(db_err)?;
+    let mut st = tx.prepare_cached(insert_one_sql()).map_err(db_err)?;
     for r in rows {
         bind_usage(&mut st, 1, r).map_err(db_err)?;
         if st.raw_execute().map_err(db_err)? == 1 {
