@@ -36,6 +36,7 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::{HttpPeer, Session};
+use pingora::protocols::TcpKeepalive;
 use pingora::proxy::subrequest::pipe::{pipe_subrequest, InputBody, InputBodyType};
 use pingora::proxy::subrequest::{BodyMode, Ctx as SubrequestCtx};
 use pingora::proxy::{FailToProxy, ProxyHttp};
@@ -68,6 +69,11 @@ const SSE_EVENT_LIMIT: usize = 4 * 1024 * 1024;
 const INLINE_COUNT_LIMIT: usize = 256 * 1024;
 /// The longest `GET /v1/usage` waits for the store before answering 503.
 const REPORT_TIMEOUT: Duration = Duration::from_secs(10);
+/// TCP keepalive on provider connections (see `upstream_peer`): probes start
+/// after a minute of silence, and three unanswered ten seconds apart end it.
+const UPSTREAM_KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+const UPSTREAM_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const UPSTREAM_KEEPALIVE_PROBES: usize = 3;
 
 /// A provider as the proxy dials it.
 pub struct Upstream {
@@ -883,6 +889,45 @@ impl Gateway {
 type Handoff = (Prepared, Option<Ticket>);
 
 /// Prices a row at the model's configured prices (exact, integer pico-USD).
+/// The peer a call to provider `up` at `addr` goes to, with its timeouts.
+fn provider_peer(
+    addr: SocketAddr,
+    up: &Upstream,
+    stream: bool,
+    t: &crate::config::UpstreamTimeouts,
+) -> HttpPeer {
+    let mut peer = HttpPeer::new(addr, up.tls, up.sni.clone());
+    peer.options.connection_timeout = Some(t.connect);
+    peer.options.total_connection_timeout = Some(t.connect * 2);
+    // Pingora times each upstream read separately. For a non-streamed call the one
+    // long wait is for the response header (the whole generation); for a stream,
+    // reads are the header and then the gaps between chunks.
+    peer.options.read_timeout = Some(if stream {
+        t.first_byte.max(t.idle)
+    } else {
+        t.first_byte
+    });
+    peer.options.write_timeout = Some(t.idle);
+    // Pooled provider connections have no idle timeout: Pingora would arm a
+    // timer for it on every release to the pool (a timer registration and two
+    // clock reads a request, ~1.3k instructions). A connection the provider
+    // closes is dropped as soon as its FIN arrives, the pool's size bounds how
+    // many stay open, and TCP keepalive ends those whose peer vanished without
+    // a word (~90 s idle). Data left unacknowledged for `idle` also ends the
+    // connection (TCP_USER_TIMEOUT), so a request sent into a dead pooled
+    // connection fails fast and Pingora retries it on a fresh one, instead of
+    // waiting out the first-byte timeout.
+    peer.options.idle_timeout = None;
+    peer.options.tcp_keepalive = Some(TcpKeepalive {
+        idle: UPSTREAM_KEEPALIVE_IDLE,
+        interval: UPSTREAM_KEEPALIVE_INTERVAL,
+        count: UPSTREAM_KEEPALIVE_PROBES,
+        #[cfg(target_os = "linux")]
+        user_timeout: t.idle,
+    });
+    peer
+}
+
 fn price_row(model: &Model, row: &mut UsageRecord) {
     row.cost_pusd = usage_mod::cost_pusd(
         row.prompt_tokens,
@@ -1143,21 +1188,12 @@ impl ProxyHttp for Gateway {
         let addr = up.pick().ok_or_else(|| {
             Error::explain(ErrorType::ConnectNoRoute, "provider address not resolved").into_up()
         })?;
-        let mut peer = HttpPeer::new(addr, up.tls, up.sni.clone());
-        let t = &self.config.upstream;
-        peer.options.connection_timeout = Some(t.connect);
-        peer.options.total_connection_timeout = Some(t.connect * 2);
-        // Pingora times each upstream read separately. For a non-streamed call the one
-        // long wait is for the response header (the whole generation); for a stream,
-        // reads are the header and then the gaps between chunks.
-        peer.options.read_timeout = Some(if p.head.stream {
-            t.first_byte.max(t.idle)
-        } else {
-            t.first_byte
-        });
-        peer.options.write_timeout = Some(t.idle);
-        peer.options.idle_timeout = Some(Duration::from_secs(60));
-        Ok(Box::new(peer))
+        Ok(Box::new(provider_peer(
+            addr,
+            up,
+            p.head.stream,
+            &self.config.upstream,
+        )))
     }
 
     async fn upstream_request_filter(
@@ -1518,4 +1554,52 @@ fn key_id_of(ctx: &Ctx) -> &str {
 
 fn request_id_of(ctx: &Ctx) -> &str {
     ctx.request_id.as_deref().unwrap_or_default()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use pingora::upstreams::peer::Peer;
+
+    fn config() -> Config {
+        Config::from_yaml_str(
+            r#"
+upstream: { connect_timeout_ms: 2000, first_byte_timeout_ms: 20000, idle_timeout_ms: 30000 }
+providers:
+  - name: p
+    base_url: "https://api.example.com/v1"
+    models: [{ name: m }]
+tiers: { free: { requests_per_minute: 10 } }
+"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn provider_peers_are_timed_and_kept_alive_by_tcp_not_by_a_pool_timer() {
+        let cfg = config();
+        let up = Upstream::from_config(&cfg.providers[0]).unwrap();
+        let addr: SocketAddr = "192.0.2.1:443".parse().unwrap();
+        let t = &cfg.upstream;
+        for stream in [false, true] {
+            let peer = provider_peer(addr, &up, stream, t);
+            let o = &peer.options;
+            assert_eq!(o.connection_timeout, Some(Duration::from_secs(2)));
+            assert_eq!(o.total_connection_timeout, Some(Duration::from_secs(4)));
+            // A stream's reads include the gaps between chunks.
+            let read = if stream { 30 } else { 20 };
+            assert_eq!(o.read_timeout, Some(Duration::from_secs(read)));
+            assert_eq!(o.write_timeout, Some(Duration::from_secs(30)));
+            assert_eq!(peer.idle_timeout(), None, "a pool timer per request");
+            let ka = peer.tcp_keepalive().expect("TCP keepalive on");
+            assert_eq!(ka.idle, UPSTREAM_KEEPALIVE_IDLE);
+            assert_eq!(ka.interval, UPSTREAM_KEEPALIVE_INTERVAL);
+            assert_eq!(ka.count, UPSTREAM_KEEPALIVE_PROBES);
+            #[cfg(target_os = "linux")]
+            assert_eq!(ka.user_timeout, Duration::from_secs(30));
+            assert_eq!(peer.sni(), "api.example.com");
+            assert!(peer.is_tls());
+        }
+    }
 }
