@@ -915,8 +915,8 @@ fn provider_peer(
     // many stay open, and TCP keepalive ends those whose peer vanished without
     // a word (~90 s idle). Data left unacknowledged for `idle` also ends the
     // connection (TCP_USER_TIMEOUT), so a request sent into a dead pooled
-    // connection fails fast and Pingora retries it on a fresh one, instead of
-    // waiting out the first-byte timeout.
+    // connection fails within `idle` rather than the first-byte timeout, as an
+    // OS error on a reused connection, which Pingora retries on a fresh one.
     peer.options.idle_timeout = None;
     peer.options.tcp_keepalive = Some(TcpKeepalive {
         idle: UPSTREAM_KEEPALIVE_IDLE,
