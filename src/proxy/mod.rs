@@ -69,7 +69,7 @@ const SSE_EVENT_LIMIT: usize = 4 * 1024 * 1024;
 const INLINE_COUNT_LIMIT: usize = 256 * 1024;
 /// The longest `GET /v1/usage` waits for the store before answering 503.
 const REPORT_TIMEOUT: Duration = Duration::from_secs(10);
-/// TCP keepalive on provider connections (see `upstream_peer`): probes start
+/// TCP keepalive on provider connections (see [`provider_peer`]): probes start
 /// after a minute of silence, and three unanswered ten seconds apart end it.
 const UPSTREAM_KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 const UPSTREAM_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
@@ -888,7 +888,6 @@ impl Gateway {
 /// What a parent hands its large-body subrequest.
 type Handoff = (Prepared, Option<Ticket>);
 
-/// Prices a row at the model's configured prices (exact, integer pico-USD).
 /// The peer a call to provider `up` at `addr` goes to, with its timeouts.
 fn provider_peer(
     addr: SocketAddr,
@@ -928,6 +927,7 @@ fn provider_peer(
     peer
 }
 
+/// Prices a row at the model's configured prices (exact, integer pico-USD).
 fn price_row(model: &Model, row: &mut UsageRecord) {
     row.cost_pusd = usage_mod::cost_pusd(
         row.prompt_tokens,
