@@ -46,7 +46,7 @@ pub use ctx::{Ctx, MidStream, Prepared, ResponseAccounting};
 use request::{Endpoint, Route};
 
 use crate::admin::report::{report_csv, report_json, Format};
-use crate::config::{Config, Model, Provider};
+use crate::config::{Config, Model, Provider, UpstreamTimeouts};
 use crate::error::ProxyError;
 use crate::keys::cache::{AuthError, KeyCache, KeyEntry};
 use crate::limits::policy::{
@@ -889,12 +889,7 @@ impl Gateway {
 type Handoff = (Prepared, Option<Ticket>);
 
 /// The peer a call to provider `up` at `addr` goes to, with its timeouts.
-fn provider_peer(
-    addr: SocketAddr,
-    up: &Upstream,
-    stream: bool,
-    t: &crate::config::UpstreamTimeouts,
-) -> HttpPeer {
+fn provider_peer(addr: SocketAddr, up: &Upstream, stream: bool, t: &UpstreamTimeouts) -> HttpPeer {
     let mut peer = HttpPeer::new(addr, up.tls, up.sni.clone());
     peer.options.connection_timeout = Some(t.connect);
     peer.options.total_connection_timeout = Some(t.connect * 2);
