@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use super::request::{Endpoint, RequestHead};
 use crate::error::ProxyError;
@@ -61,14 +61,63 @@ pub struct MidStream {
     pub resets_at: Instant,
 }
 
+/// A body gathered from the chunks Pingora hands over. Pingora gives each
+/// chunk as bytes of its own (it copies out of its read buffer), and most
+/// request and non-streamed response bodies come in one: that chunk is kept
+/// as it is, and only a second one starts a copy.
+#[derive(Debug, Default)]
+pub struct Gathered {
+    first: Bytes,
+    more: Option<BytesMut>,
+}
+
+impl Gathered {
+    /// Adds `chunk`. The copy a second chunk starts is sized for `capacity`
+    /// bytes (the declared length, when known), so later chunks do not grow it.
+    pub fn push(&mut self, chunk: &Bytes, capacity: usize) {
+        match &mut self.more {
+            Some(m) => m.extend_from_slice(chunk),
+            None if self.first.is_empty() => self.first = chunk.clone(),
+            None => {
+                let mut m = BytesMut::with_capacity(capacity.max(self.first.len() + chunk.len()));
+                m.extend_from_slice(&self.first);
+                m.extend_from_slice(chunk);
+                self.first = Bytes::new();
+                self.more = Some(m);
+            }
+        }
+    }
+
+    /// Bytes gathered so far.
+    pub fn len(&self) -> usize {
+        self.more.as_ref().map_or(self.first.len(), |m| m.len())
+    }
+
+    /// Whether nothing was gathered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The body so far.
+    pub fn as_slice(&self) -> &[u8] {
+        self.more.as_deref().unwrap_or(&self.first)
+    }
+
+    /// The body, without a copy.
+    pub fn into_bytes(self) -> Bytes {
+        self.more.map_or(self.first, BytesMut::freeze)
+    }
+}
+
 /// How the response body is being accounted.
 #[derive(Default)]
 pub enum ResponseAccounting {
     /// Nothing to account (not proxied, or an error from the gateway itself).
     #[default]
     None,
-    /// A JSON body, buffered (up to a bound) to read its `usage`.
-    Json { buf: Vec<u8>, overflow: bool },
+    /// A JSON body, gathered (up to a bound) to read its `usage`; `None` once
+    /// past the bound.
+    Json(Option<Gathered>),
     /// An SSE stream.
     Stream(Box<StreamAccounting>),
 }
@@ -154,5 +203,48 @@ impl Ctx {
 impl Default for Ctx {
     fn default() -> Self {
         Ctx::new()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_single_chunk_is_kept_without_a_copy_and_more_are_joined_in_order() {
+        let one = Bytes::from_static(b"{\"usage\":{}}");
+        let mut g = Gathered::default();
+        assert!(g.is_empty());
+        g.push(&Bytes::new(), 0);
+        g.push(&one, 0);
+        assert_eq!(g.as_slice(), &one[..]);
+        assert_eq!(
+            g.into_bytes().as_ptr(),
+            one.as_ptr(),
+            "no copy of one chunk"
+        );
+
+        let mut g = Gathered::default();
+        for part in [&b"ab"[..], b"", b"cde", b"f"] {
+            g.push(&Bytes::copy_from_slice(part), 16);
+            assert_eq!(g.len(), g.as_slice().len());
+        }
+        assert_eq!(g.as_slice(), b"abcdef");
+        assert_eq!(g.len(), 6);
+        assert_eq!(&g.into_bytes()[..], b"abcdef");
+    }
+
+    #[test]
+    fn the_capacity_hint_is_taken_when_a_second_chunk_comes() {
+        let mut g = Gathered::default();
+        g.push(&Bytes::from_static(b"ab"), 1024);
+        g.push(&Bytes::from_static(b"cd"), 1024);
+        assert!(g.more.as_ref().unwrap().capacity() >= 1024);
+        // A hint below what is already there never truncates.
+        let mut g = Gathered::default();
+        g.push(&Bytes::from_static(b"abcdef"), 0);
+        g.push(&Bytes::from_static(b"gh"), 2);
+        assert_eq!(g.as_slice(), b"abcdefgh");
     }
 }

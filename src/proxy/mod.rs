@@ -42,7 +42,7 @@ use pingora::proxy::subrequest::{BodyMode, Ctx as SubrequestCtx};
 use pingora::proxy::{FailToProxy, ProxyHttp};
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
-pub use ctx::{Ctx, MidStream, Prepared, ResponseAccounting};
+pub use ctx::{Ctx, Gathered, MidStream, Prepared, ResponseAccounting};
 use request::{Endpoint, Route};
 
 use crate::admin::report::{report_csv, report_json, Format};
@@ -511,15 +511,15 @@ impl Gateway {
         if declared.is_some_and(|n| n as usize <= REPLAY_LIMIT) {
             session.enable_retry_buffering();
         }
-        let mut buf =
-            bytes::BytesMut::with_capacity(declared.unwrap_or(0).min(max as u64) as usize);
+        let capacity = declared.unwrap_or(0).min(max as u64) as usize;
+        let mut buf = Gathered::default();
         loop {
             match session.read_request_body().await {
                 Ok(Some(chunk)) => {
                     if buf.len() + chunk.len() > max {
                         return Err(ProxyError::PayloadTooLarge(max));
                     }
-                    buf.extend_from_slice(&chunk);
+                    buf.push(&chunk, capacity);
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -530,7 +530,7 @@ impl Gateway {
                 }
             }
         }
-        Ok(buf.freeze())
+        Ok(buf.into_bytes())
     }
 
     async fn prepare(
@@ -864,21 +864,24 @@ impl Gateway {
                     }
                 }
             }
-            ResponseAccounting::Json { buf, overflow } => match usage_from_response_body(&buf) {
-                Some(u) => {
-                    apply_provider_usage(&mut row, u);
-                    None
+            ResponseAccounting::Json(None) => None,
+            ResponseAccounting::Json(Some(body)) => {
+                match usage_from_response_body(body.as_slice()) {
+                    Some(u) => {
+                        apply_provider_usage(&mut row, u);
+                        None
+                    }
+                    None if !upstream_ok => None,
+                    None => {
+                        row.token_source = if ctx.response_complete {
+                            TokenSource::Counted
+                        } else {
+                            TokenSource::Partial
+                        };
+                        CountJob::new(p, tok, Some(body.into_bytes()), &mut row)
+                    }
                 }
-                None if !upstream_ok || overflow => None,
-                None => {
-                    row.token_source = if ctx.response_complete {
-                        TokenSource::Counted
-                    } else {
-                        TokenSource::Partial
-                    };
-                    CountJob::new(p, tok, Some(Bytes::from(buf)), &mut row)
-                }
-            },
+            }
             ResponseAccounting::None => None,
         };
         Some((row, job))
@@ -1297,10 +1300,7 @@ impl ProxyHttp for Gateway {
             }
             ctx.response = ResponseAccounting::Stream(Box::new(acc));
         } else {
-            ctx.response = ResponseAccounting::Json {
-                buf: Vec::new(),
-                overflow: false,
-            };
+            ctx.response = ResponseAccounting::Json(Some(Gathered::default()));
         }
         // The header's parts without Pingora's case map (see `gateway_headers`);
         // the placeholder allocates nothing.
@@ -1341,13 +1341,13 @@ impl ProxyHttp for Gateway {
                     acc.observe(chunk);
                 }
             }
-            ResponseAccounting::Json { buf, overflow } => {
-                if let Some(chunk) = body.as_ref() {
-                    if !*overflow && buf.len() + chunk.len() <= JSON_ACCOUNTING_LIMIT {
-                        buf.extend_from_slice(chunk);
+            ResponseAccounting::Json(gathered) => {
+                if let (Some(chunk), Some(g)) = (body.as_ref(), gathered.as_mut()) {
+                    if g.len() + chunk.len() <= JSON_ACCOUNTING_LIMIT {
+                        g.push(chunk, 0);
                     } else {
-                        *overflow = true;
-                        buf.clear();
+                        // Past the bound: the usage is not read, the memory is freed.
+                        *gathered = None;
                     }
                 }
             }
