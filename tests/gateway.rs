@@ -432,6 +432,36 @@ fn large_body_with_model_last_reaches_the_provider_whole() {
     assert!(rows.iter().all(|r| r.token_source == TokenSource::Provider));
 }
 
+/// The body is gathered from its chunks (one chunk is kept as it came, more
+/// are joined): what the provider receives is the client's body, byte for byte.
+#[test]
+fn a_chunked_request_body_reaches_the_provider_whole() {
+    let gw = TestGateway::start();
+    let (_, key) = gw.create_key("pro", &[], None);
+    let small = serde_json::to_vec(&chat(false)).unwrap();
+    // Past Pingora's 64 KB replay buffer, found only while reading: the
+    // request then goes through a subrequest.
+    let large = serde_json::to_vec(&json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "word ".repeat(20_000)}]})).unwrap();
+    for (n, (body, piece)) in [(&small, 7), (&large, 4096)].into_iter().enumerate() {
+        let mut req = format!("POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n").into_bytes();
+        for piece in body.chunks(piece) {
+            req.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+            req.extend_from_slice(piece);
+            req.extend_from_slice(b"\r\n");
+        }
+        req.extend_from_slice(b"0\r\n\r\n");
+        let r = raw(&gw, &req);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let sent = gw.mock.last_request().expect("the provider was called");
+        assert_eq!(&sent.body, body, "body {n}");
+        let rows = gw.wait_rows(n + 1);
+        assert!(rows
+            .iter()
+            .all(|r| r.token_source == TokenSource::Provider && r.prompt_tokens > 0));
+    }
+    assert_eq!(gw.mock.request_count(), 2);
+}
+
 #[test]
 fn body_limit_is_enforced_before_any_upstream_connection() {
     let gw = TestGateway::with(Options {

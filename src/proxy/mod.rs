@@ -506,9 +506,14 @@ impl Gateway {
         if declared.is_some_and(|n| n > max as u64) {
             return Err(ProxyError::PayloadTooLarge(max));
         }
-        // Only a body that fits the retry buffer can be replayed by Pingora; larger
-        // ones go through a subrequest, so buffering them twice would be waste.
-        if declared.is_some_and(|n| n as usize <= REPLAY_LIMIT) {
+        // The body is read here, before Pingora's proxy loop, which then has
+        // nothing left to read: it sends the upstream body only by replaying its
+        // retry buffer. So every body that may fit the buffer is buffered, a
+        // chunked one (no declared length) included, or the provider would
+        // wait for a body that never comes. A larger one (declared, or found
+        // while reading: the buffer is then marked truncated) goes through a
+        // subrequest, so buffering it here would be waste.
+        if declared.is_none_or(|n| n as usize <= REPLAY_LIMIT) {
             session.enable_retry_buffering();
         }
         let capacity = declared.unwrap_or(0).min(max as u64) as usize;
