@@ -356,14 +356,16 @@ fn gateway_headers(h: &mut http::HeaderMap, ctx: &Ctx) -> Result<()> {
 
 /// Request headers that never go upstream: the client's credentials for the
 /// gateway (any of the spellings OpenAI-style SDKs use), its OpenAI account
-/// scoping, and its framing (the gateway sends its own body with a length).
-const CLIENT_ONLY_HEADERS: [&str; 6] = [
+/// scoping, and its framing (the gateway sends its own body, with a length and
+/// at once: the client's `Expect` was answered by the gateway).
+const CLIENT_ONLY_HEADERS: [&str; 7] = [
     "authorization",
     "api-key",
     "x-api-key",
     "openai-organization",
     "openai-project",
     "transfer-encoding",
+    "expect",
 ];
 
 /// Response headers that describe the provider account behind the gateway, not
@@ -505,6 +507,22 @@ impl Gateway {
             .and_then(|v| v.trim().parse::<u64>().ok());
         if declared.is_some_and(|n| n > max as u64) {
             return Err(ProxyError::PayloadTooLarge(max));
+        }
+        // A client that waits to be told to send its body (curl does for large
+        // ones) would otherwise wait out its own timeout (1 s for curl): the
+        // body is read here, before any provider is asked, so the gateway
+        // gives the go-ahead itself: after the key is accepted, the declared
+        // length fits and (when no limit needs the prompt) the request is
+        // admitted, so a refusal still spares the client its upload.
+        let req = session.req_header();
+        let expect = req.headers.get(http::header::EXPECT).map(|v| v.as_bytes());
+        if request::expects_continue(req.version, expect) {
+            if let Err(e) = session.as_downstream_mut().write_continue_response().await {
+                log::debug!("writing 100 Continue: {e}");
+                return Err(ProxyError::InvalidJson(
+                    "the request body could not be read".into(),
+                ));
+            }
         }
         // The body is read here, before Pingora's proxy loop, which then has
         // nothing left to read: it sends the upstream body only by replaying its
