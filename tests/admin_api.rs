@@ -128,6 +128,31 @@ fn auth_is_required_and_readonly_can_only_read() {
     assert_error(&r, 401, "missing_admin_token", None);
 }
 
+/// A client that sends `Expect: 100-continue` is told to go ahead once its
+/// token is accepted, and is refused without it otherwise.
+#[test]
+fn expect_100_continue_is_answered() {
+    let gw = start();
+    let admin = gw.admin_addr.unwrap();
+    let body = json!({"tier": "pro", "owner": "expect"}).to_string();
+    let head = |token: &str| {
+        format!(
+            "POST /admin/keys HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nexpect: 100-continue\r\nconnection: close\r\n\r\n",
+            body.len()
+        )
+    };
+    let heads = http::heads_after_expect(admin, head(TOKEN).as_bytes(), body.as_bytes());
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    assert!(
+        heads[0].starts_with("HTTP/1.1 100 Continue\r\n"),
+        "{heads:?}"
+    );
+    assert!(heads[1].starts_with("HTTP/1.1 201 "), "{heads:?}");
+    let heads = http::heads_after_expect(admin, head("not-the-token").as_bytes(), body.as_bytes());
+    assert_eq!(heads.len(), 1, "{heads:?}");
+    assert!(heads[0].starts_with("HTTP/1.1 401 "), "{heads:?}");
+}
+
 #[test]
 fn nothing_under_admin_answers_on_the_proxy_port() {
     let gw = start();

@@ -467,7 +467,6 @@ fn a_chunked_request_body_reaches_the_provider_whole() {
 /// instead and never uploads; the provider is not asked to expect anything.
 #[test]
 fn expect_100_continue_is_answered_by_the_gateway() {
-    use std::io::{Read, Write};
     let gw = TestGateway::start();
     let (_, key) = gw.create_key("pro", &[], None);
     let body = serde_json::to_vec(&chat(false)).unwrap();
@@ -477,38 +476,21 @@ fn expect_100_continue_is_answered_by_the_gateway() {
             body.len()
         )
     };
-    // Reads one response head (the 100's, or the final one's) off the socket.
-    let read_head = |s: &mut std::net::TcpStream| {
-        let mut got = Vec::new();
-        let mut byte = [0u8; 1];
-        while !got.ends_with(b"\r\n\r\n") {
-            assert_eq!(s.read(&mut byte).expect("a response before the timeout"), 1);
-            got.push(byte[0]);
-        }
-        String::from_utf8(got).unwrap()
-    };
-    let connect = || {
-        let s = std::net::TcpStream::connect(gw.addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s
-    };
-
-    let mut s = connect();
-    s.write_all(head(&key).as_bytes()).unwrap();
-    let first = read_head(&mut s);
-    assert!(first.starts_with("HTTP/1.1 100 Continue\r\n"), "{first}");
-    s.write_all(&body).unwrap();
-    let last = read_head(&mut s);
-    assert!(last.starts_with("HTTP/1.1 200 "), "{last}");
+    let heads = http::heads_after_expect(gw.addr, head(&key).as_bytes(), &body);
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    assert!(
+        heads[0].starts_with("HTTP/1.1 100 Continue\r\n"),
+        "{heads:?}"
+    );
+    assert!(heads[1].starts_with("HTTP/1.1 200 "), "{heads:?}");
     let sent = gw.mock.last_request().expect("the provider was called");
     assert_eq!(sent.body, body);
     assert_eq!(sent.header("expect"), None);
 
     // Refused before the body is wanted: no 100, the 401 at once.
-    let mut s = connect();
-    s.write_all(head("sk-not-ours").as_bytes()).unwrap();
-    let only = read_head(&mut s);
-    assert!(only.starts_with("HTTP/1.1 401 "), "{only}");
+    let heads = http::heads_after_expect(gw.addr, head("sk-not-ours").as_bytes(), &body);
+    assert_eq!(heads.len(), 1, "{heads:?}");
+    assert!(heads[0].starts_with("HTTP/1.1 401 "), "{heads:?}");
     assert_eq!(gw.mock.request_count(), 1);
 }
 

@@ -429,3 +429,37 @@ fn eof(message: &str) -> io::Error {
 fn invalid(message: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message.to_owned())
 }
+
+/// Plays a client that sends `Expect: 100-continue`: writes the request head
+/// `head` (which carries that header and `connection: close`), reads a response
+/// head and, only when it is `100 Continue`, writes `body` and reads the next.
+/// Returns the response heads read, in order (bodies are left unread).
+pub fn heads_after_expect(addr: SocketAddr, head: &[u8], body: &[u8]) -> Vec<String> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    s.write_all(head).unwrap();
+    let first = read_head(&mut s);
+    if !first.starts_with("HTTP/1.1 100 ") {
+        return vec![first];
+    }
+    s.write_all(body).unwrap();
+    let last = read_head(&mut s);
+    vec![first, last]
+}
+
+/// One response head off a blocking socket, a byte at a time so that nothing
+/// after it is consumed.
+fn read_head(s: &mut std::net::TcpStream) -> String {
+    use std::io::Read;
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        let n = s
+            .read(&mut byte)
+            .expect("a response head before the timeout");
+        assert_eq!(n, 1, "closed after {:?}", String::from_utf8_lossy(&got));
+        got.push(byte[0]);
+    }
+    String::from_utf8(got).unwrap()
+}

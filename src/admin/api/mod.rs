@@ -245,6 +245,17 @@ async fn read_body(session: &mut ServerSession) -> Result<BytesMut, AdminError> 
     if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
         return Err(AdminError::PayloadTooLarge(MAX_BODY_BYTES));
     }
+    // Pingora leaves `Expect: 100-continue` to the application: without the
+    // go-ahead such a client (curl, for large bodies) waits out its own timeout.
+    let expect = session.get_header(header::EXPECT).map(|v| v.as_bytes());
+    if crate::proxy::request::expects_continue(session.req_header().version, expect)
+        && session.write_continue_response().await.is_err()
+    {
+        return Err(AdminError::Field(crate::admin::FieldError::new(
+            "body",
+            "could not be read to its end",
+        )));
+    }
     let mut body = BytesMut::new();
     loop {
         match session.read_request_body().await {
