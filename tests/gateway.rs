@@ -444,12 +444,7 @@ fn a_chunked_request_body_reaches_the_provider_whole() {
     let large = serde_json::to_vec(&json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "word ".repeat(20_000)}]})).unwrap();
     for (n, (body, piece)) in [(&small, 7), (&large, 4096)].into_iter().enumerate() {
         let mut req = format!("POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n").into_bytes();
-        for piece in body.chunks(piece) {
-            req.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
-            req.extend_from_slice(piece);
-            req.extend_from_slice(b"\r\n");
-        }
-        req.extend_from_slice(b"0\r\n\r\n");
+        req.extend_from_slice(&http::chunked(body, piece));
         let r = raw(&gw, &req);
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
         let sent = gw.mock.last_request().expect("the provider was called");
@@ -515,12 +510,7 @@ fn body_limit_is_enforced_before_any_upstream_connection() {
     assert_openai_error(&r, 413, "request_too_large");
     // Chunked, no content-length: refused once the limit is passed.
     let mut req = format!("POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: {auth}\r\ntransfer-encoding: chunked\r\n\r\n").into_bytes();
-    for piece in big.as_bytes().chunks(1000) {
-        req.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
-        req.extend_from_slice(piece);
-        req.extend_from_slice(b"\r\n");
-    }
-    req.extend_from_slice(b"0\r\n\r\n");
+    req.extend_from_slice(&http::chunked(big.as_bytes(), 1000));
     assert_openai_error(&raw(&gw, &req), 413, "request_too_large");
     assert_eq!(gw.mock.request_count(), 0);
     let rows = gw.wait_rows(2);

@@ -36,6 +36,7 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::{HttpPeer, Session};
+use pingora::protocols::http::v1::common::is_expect_continue_req;
 use pingora::protocols::TcpKeepalive;
 use pingora::proxy::subrequest::pipe::{pipe_subrequest, InputBody, InputBodyType};
 use pingora::proxy::subrequest::{BodyMode, Ctx as SubrequestCtx};
@@ -514,9 +515,7 @@ impl Gateway {
         // gives the go-ahead itself: after the key is accepted, the declared
         // length fits and (when no limit needs the prompt) the request is
         // admitted, so a refusal still spares the client its upload.
-        let req = session.req_header();
-        let expect = req.headers.get(http::header::EXPECT).map(|v| v.as_bytes());
-        if request::expects_continue(req.version, expect) {
+        if is_expect_continue_req(session.req_header()) {
             if let Err(e) = session.as_downstream_mut().write_continue_response().await {
                 log::debug!("writing 100 Continue: {e}");
                 return Err(ProxyError::InvalidJson(

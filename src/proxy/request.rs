@@ -106,13 +106,6 @@ pub fn route(method: &str, path: &str) -> Result<Route, ProxyError> {
     }
 }
 
-/// Whether the client waits for `100 Continue` before it sends the body
-/// (`Expect: 100-continue`, RFC 9110 §10.1.1; HTTP/1.0 clients cannot ask).
-pub fn expects_continue(version: http::Version, expect: Option<&[u8]>) -> bool {
-    version >= http::Version::HTTP_11
-        && expect.is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue"))
-}
-
 /// The report `GET /v1/usage?…` asks for, always scoped to the calling key: the
 /// parser refuses `key_id`, `owner` and `project` rather than ignoring them.
 pub fn usage_params(query: Option<&str>, key_id: &str) -> Result<ReportParams, ProxyError> {
@@ -375,17 +368,6 @@ pub fn upstream_body(
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_an_http_1_1_or_later_client_asking_for_100_continue_waits_for_it() {
-        use http::Version;
-        assert!(expects_continue(Version::HTTP_11, Some(b"100-continue")));
-        assert!(expects_continue(Version::HTTP_11, Some(b"100-Continue")));
-        assert!(expects_continue(Version::HTTP_2, Some(b"100-continue")));
-        assert!(!expects_continue(Version::HTTP_10, Some(b"100-continue")));
-        assert!(!expects_continue(Version::HTTP_11, None));
-        assert!(!expects_continue(Version::HTTP_11, Some(b"200-ok")));
-    }
 
     #[test]
     fn usage_params_are_decoded_and_scoped_to_the_key() {

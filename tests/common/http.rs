@@ -430,6 +430,18 @@ fn invalid(message: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message.to_owned())
 }
 
+/// `body` in HTTP/1.1 chunked framing, `piece` bytes a chunk, with the last chunk.
+pub fn chunked(body: &[u8], piece: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for c in body.chunks(piece) {
+        out.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+        out.extend_from_slice(c);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"0\r\n\r\n");
+    out
+}
+
 /// Plays a client that sends `Expect: 100-continue`: writes the request head
 /// `head` (which carries that header and `connection: close`), reads a response
 /// head and, only when it is `100 Continue`, writes `body` and reads the next.

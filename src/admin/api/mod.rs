@@ -20,6 +20,7 @@ use async_trait::async_trait;
 use bytes::BytesMut;
 use http::{header, HeaderValue, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::v1::common::is_expect_continue_req;
 use pingora::protocols::http::ServerSession;
 use pingora::services::listening::Service;
 
@@ -247,8 +248,7 @@ async fn read_body(session: &mut ServerSession) -> Result<BytesMut, AdminError> 
     }
     // Pingora leaves `Expect: 100-continue` to the application: without the
     // go-ahead such a client (curl, for large bodies) waits out its own timeout.
-    let expect = session.get_header(header::EXPECT).map(|v| v.as_bytes());
-    if crate::proxy::request::expects_continue(session.req_header().version, expect)
+    if is_expect_continue_req(session.req_header())
         && session.write_continue_response().await.is_err()
     {
         return Err(AdminError::Field(crate::admin::FieldError::new(
