@@ -152,6 +152,110 @@ struct Gateway {
     proc: Proc,
     addr: SocketAddr,
     key: String,
+    metrics: SocketAddr,
+}
+
+/// A gateway's own account of its usage rows, from its metrics endpoint: the
+/// requests it answered and what became of their rows. A gateway that dropped
+/// rows under load would look faster than one that keeps every record, so each
+/// run shows that the measured gateways kept them all.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct Ledger {
+    requests: f64,
+    written: f64,
+    spooled: f64,
+    dropped: f64,
+}
+
+impl Ledger {
+    /// Sums every sample of each counter in a Prometheus text page; `None`
+    /// when the page has no request counter (the scrape failed).
+    fn parse(page: &str) -> Option<Ledger> {
+        let mut l = Ledger::default();
+        let mut seen = false;
+        for line in page.lines().filter(|l| !l.starts_with('#')) {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(v) = value.parse::<f64>() else {
+                continue;
+            };
+            let name = series.split('{').next().unwrap_or("");
+            match name {
+                "ai4free_requests_total" => {
+                    seen = true;
+                    l.requests += v;
+                }
+                "ai4free_usage_records_written_total" => l.written += v,
+                "ai4free_usage_records_spooled_total" => l.spooled += v,
+                "ai4free_usage_records_dropped_total" => l.dropped += v,
+                _ => {}
+            }
+        }
+        seen.then_some(l)
+    }
+
+    /// Rows not yet accounted for: still in the writer's queue, or never recorded.
+    fn missing(&self) -> f64 {
+        self.requests - self.written - self.spooled - self.dropped
+    }
+
+    /// Reads `g`'s counters once its writer has caught up (it flushes every 20
+    /// ms by default; a few seconds is ample after the load has stopped).
+    fn of(g: &Gateway) -> Option<Ledger> {
+        let mut last = None;
+        for _ in 0..50 {
+            last = Ledger::parse(&http_get(g.metrics, "/metrics"));
+            if last.is_some_and(|l| l.missing() <= 0.0) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        last
+    }
+
+    fn row(this: Option<&Ledger>, name: &str) -> String {
+        let Some(l) = this else {
+            return format!("| {name} | | | | | **metrics unreadable** |");
+        };
+        l.row_of(name)
+    }
+
+    fn row_of(&self, name: &str) -> String {
+        let verdict = if self.written == 0.0 && self.requests > 0.0 {
+            "usage recording off".to_owned()
+        } else if self.dropped == 0.0 && self.missing() == 0.0 {
+            "every request recorded".to_owned()
+        } else {
+            format!(
+                "**{} dropped, {} unaccounted for**",
+                self.dropped,
+                self.missing()
+            )
+        };
+        format!(
+            "| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {verdict} |",
+            self.requests, self.written, self.spooled, self.dropped
+        )
+    }
+}
+
+/// The body of a plain `GET path` to `addr` (HTTP/1.0, so the server closes).
+fn http_get(addr: SocketAddr, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    if write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").is_err() {
+        return String::new();
+    }
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    text.split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default()
 }
 
 fn start_gateway(
@@ -201,6 +305,7 @@ fn start_gateway_with(
     cpu: Option<&str>,
 ) -> Gateway {
     let port = free_port();
+    let mport = free_port();
     let (storage, redis) = match cluster {
         Some(c) => (
             c.storage.clone(),
@@ -236,7 +341,6 @@ providers:
 tiers:
   bench: {{ requests_per_minute: 4000000000 }}
 "#,
-            mport = free_port(),
             ablate = ablate.join(", "),
         ),
     )
@@ -262,7 +366,14 @@ tiers:
     );
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     wait_for(addr);
-    Gateway { proc, addr, key }
+    let metrics: SocketAddr = format!("127.0.0.1:{mport}").parse().unwrap();
+    wait_for(metrics);
+    Gateway {
+        proc,
+        addr,
+        key,
+        metrics,
+    }
 }
 
 /// A fresh database on the PostgreSQL server at `AI4FREE_BENCH_PG` (default: the
@@ -884,6 +995,7 @@ fn main() {
         .unwrap();
     rt.block_on(loadgen::self_check())
         .expect("load generator self-check");
+    ledger_self_check();
     let dir = tempfile::tempdir().unwrap();
     let mock_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let mock = Proc::spawn(
@@ -956,6 +1068,7 @@ fn main() {
     }
 
     let mut out = String::new();
+    let mut ledgers: Vec<(String, Option<Ledger>)> = Vec::new();
     let now = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC");
     let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpu
@@ -1019,6 +1132,7 @@ fn main() {
         eprintln!("== closed-loop capacity, proxy pinned to core 1");
         writeln!(out, "\nThe same two in a closed loop (16 connections, each sending as soon as it is answered; 1 s warm-up, 4 s measured), {ROUNDS} interleaved rounds; \"core busy\" is the proxy's CPU seconds per second:\n").unwrap();
         saturation(&rt, &systems, &mut out);
+        ledgers.push(("gateway (pinned)".to_owned(), Ledger::of(&pinned.gateway)));
     }
 
     // 2. Latency at 50% of bare's maximum.
@@ -1126,6 +1240,28 @@ fn main() {
         .unwrap();
     }
 
+    // 6. What became of every measured request's usage row.
+    ledgers.push(("gateway".to_owned(), Ledger::of(&full)));
+    ledgers.push(("gateway (counting)".to_owned(), Ledger::of(&counting)));
+    if let Some(g) = &cluster {
+        ledgers.push(("gateway +PostgreSQL +Redis".to_owned(), Ledger::of(g)));
+    }
+    for (a, g) in &ablations {
+        ledgers.push((format!("gateway −{a}"), Ledger::of(g)));
+    }
+    writeln!(out, "\n### Usage rows of every request measured above, from each gateway's own metrics after the run\n").unwrap();
+    writeln!(out, "| gateway process | requests answered | rows written | rows spooled | rows dropped | |\n|---|---|---|---|---|---|").unwrap();
+    for (name, l) in &ledgers {
+        writeln!(out, "{}", Ledger::row(l.as_ref(), name)).unwrap();
+        match l {
+            Some(l) if l.dropped > 0.0 || (l.written > 0.0 && l.missing() != 0.0) => {
+                eprintln!("WARNING: {name} did not record every request: {l:?}");
+            }
+            None => eprintln!("WARNING: {name}'s metrics could not be read"),
+            Some(_) => {}
+        }
+    }
+
     drop(ablations);
     drop(cluster);
     drop(pg);
@@ -1134,4 +1270,45 @@ fn main() {
     let results = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench-results");
     std::fs::create_dir_all(&results).unwrap();
     std::fs::write(results.join("latest.md"), &out).unwrap();
+}
+
+/// The ledger's reading of a canned metrics page, checked before a run relies
+/// on it (this program runs without the test harness, as the load generator's
+/// own self-check does).
+fn ledger_self_check() {
+    let page = "# HELP ai4free_requests_total Requests.\n\
+        # TYPE ai4free_requests_total counter\n\
+        ai4free_requests_total{model=\"a\",status=\"200\"} 10\n\
+        ai4free_requests_total{model=\"a\",status=\"0\"} 2\n\
+        ai4free_requests_total{model=\"unknown\",status=\"401\"} 1\n\
+        ai4free_usage_records_written_total 9\n\
+        ai4free_usage_records_spooled_total 2\n\
+        ai4free_usage_records_dropped_total 1\n\
+        ai4free_usage_records_replayed_total 5\n";
+    let l = Ledger::parse(page).expect("the page has a request counter");
+    assert_eq!(
+        l,
+        Ledger {
+            requests: 13.0,
+            written: 9.0,
+            spooled: 2.0,
+            dropped: 1.0
+        }
+    );
+    assert_eq!(l.missing(), 1.0);
+    assert!(l.row_of("g").contains("**1 dropped, 1 unaccounted for**"));
+    let kept = Ledger {
+        requests: 5.0,
+        written: 4.0,
+        spooled: 1.0,
+        dropped: 0.0,
+    };
+    assert!(kept.row_of("g").ends_with("| every request recorded |"));
+    let off = Ledger {
+        requests: 5.0,
+        ..Ledger::default()
+    };
+    assert!(off.row_of("g").ends_with("| usage recording off |"));
+    assert_eq!(Ledger::parse("HTTP/1.1 502 Bad Gateway"), None);
+    assert!(Ledger::row(None, "g").ends_with("| **metrics unreadable** |"));
 }
