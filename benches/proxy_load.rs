@@ -202,13 +202,15 @@ impl Ledger {
 
     /// Reads `g`'s counters once its writer has caught up (it flushes every 20
     /// ms by default; a few seconds is ample after the load has stopped).
+    /// Two reads in a row that agree mean the writer has nothing left to do.
     fn of(g: &Gateway) -> Option<Ledger> {
         let mut last = None;
         for _ in 0..50 {
-            last = Ledger::parse(&http_get(g.metrics, "/metrics"));
-            if last.is_some_and(|l| l.missing() <= 0.0) {
-                break;
+            let now = Ledger::parse(&http_get(g.metrics, "/metrics"));
+            if now.is_some_and(|l| l.missing() <= 0.0) || (now.is_some() && now == last) {
+                return now;
             }
+            last = now;
             std::thread::sleep(Duration::from_millis(100));
         }
         last
@@ -221,33 +223,56 @@ impl Ledger {
         l.row_of(name)
     }
 
-    fn row_of(&self, name: &str) -> String {
-        let verdict = if self.written == 0.0 && self.requests > 0.0 {
-            "usage recording off".to_owned()
-        } else if self.dropped == 0.0 && self.missing() == 0.0 {
-            "every request recorded".to_owned()
-        } else {
+    /// Whether every row is accounted for, and the table's word for it.
+    fn verdict(&self) -> (bool, String) {
+        if self.requests == 0.0 && self.written + self.spooled > 0.0 {
+            // `bench_ablate: [metrics]`: no request count to compare with.
+            return (
+                self.dropped == 0.0,
+                format!("{} dropped (no request count: metrics off)", self.dropped),
+            );
+        }
+        if self.written + self.spooled + self.dropped == 0.0 && self.requests > 0.0 {
+            return (true, "usage recording off".to_owned());
+        }
+        if self.dropped == 0.0 && self.missing() == 0.0 {
+            return (true, "every request recorded".to_owned());
+        }
+        (
+            false,
             format!(
                 "**{} dropped, {} unaccounted for**",
                 self.dropped,
                 self.missing()
-            )
-        };
+            ),
+        )
+    }
+
+    fn row_of(&self, name: &str) -> String {
         format!(
-            "| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {verdict} |",
-            self.requests, self.written, self.spooled, self.dropped
+            "| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {} |",
+            self.requests,
+            self.written,
+            self.spooled,
+            self.dropped,
+            self.verdict().1
         )
     }
 }
 
-/// The body of a plain `GET path` to `addr` (HTTP/1.0, so the server closes).
+/// The body of a plain `GET path` to `addr`, read to the server's close.
 fn http_get(addr: SocketAddr, path: &str) -> String {
     use std::io::{Read as _, Write as _};
     let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
         return String::new();
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    if write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").is_err() {
+    if write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .is_err()
+    {
         return String::new();
     }
     let mut buf = Vec::new();
@@ -1254,7 +1279,7 @@ fn main() {
     for (name, l) in &ledgers {
         writeln!(out, "{}", Ledger::row(l.as_ref(), name)).unwrap();
         match l {
-            Some(l) if l.dropped > 0.0 || (l.written > 0.0 && l.missing() != 0.0) => {
+            Some(l) if !l.verdict().0 => {
                 eprintln!("WARNING: {name} did not record every request: {l:?}");
             }
             None => eprintln!("WARNING: {name}'s metrics could not be read"),
@@ -1309,6 +1334,15 @@ fn ledger_self_check() {
         ..Ledger::default()
     };
     assert!(off.row_of("g").ends_with("| usage recording off |"));
+    let no_count = Ledger {
+        written: 7.0,
+        ..Ledger::default()
+    };
+    assert_eq!(
+        no_count.verdict(),
+        (true, "0 dropped (no request count: metrics off)".to_owned())
+    );
+    assert!(!l.verdict().0);
     assert_eq!(Ledger::parse("HTTP/1.1 502 Bad Gateway"), None);
     assert!(Ledger::row(None, "g").ends_with("| **metrics unreadable** |"));
 }
