@@ -153,6 +153,27 @@ fn expect_100_continue_is_answered() {
     assert!(heads[0].starts_with("HTTP/1.1 401 "), "{heads:?}");
 }
 
+/// An HTTP/1.0 client that did not ask for keep-alive reads to the close: the
+/// admin API closes after its answer instead of holding the connection open
+/// until the idle timeout.
+#[test]
+fn an_http_1_0_call_is_answered_and_closed() {
+    let gw = start();
+    let admin = gw.admin_addr.unwrap();
+    let raw =
+        format!("GET /admin/keys HTTP/1.0\r\nhost: x\r\nauthorization: Bearer {TOKEN}\r\n\r\n");
+    let (status, closed) = http::status_and_close(admin, raw.as_bytes(), Duration::from_secs(3));
+    assert!(status.contains(" 200 "), "{status}");
+    assert!(closed, "the connection stayed open after the response");
+    // HTTP/1.1 still keeps it.
+    let raw =
+        format!("GET /admin/keys HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {TOKEN}\r\n\r\n");
+    let (status, closed) =
+        http::status_and_close(admin, raw.as_bytes(), Duration::from_millis(500));
+    assert!(status.contains(" 200 "), "{status}");
+    assert!(!closed, "an HTTP/1.1 connection was closed");
+}
+
 #[test]
 fn nothing_under_admin_answers_on_the_proxy_port() {
     let gw = start();

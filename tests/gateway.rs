@@ -457,6 +457,20 @@ fn a_chunked_request_body_reaches_the_provider_whole() {
     assert_eq!(gw.mock.request_count(), 2);
 }
 
+/// An HTTP/1.0 client reads the answer to the close, which comes at once.
+#[test]
+fn an_http_1_0_request_is_answered_and_closed() {
+    let gw = TestGateway::start();
+    let (_, key) = gw.create_key("pro", &[], None);
+    let body = serde_json::to_vec(&chat(false)).unwrap();
+    let mut req = format!("POST /v1/chat/completions HTTP/1.0\r\nhost: x\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes();
+    req.extend_from_slice(&body);
+    let (status, closed) = http::status_and_close(gw.addr, &req, Duration::from_secs(3));
+    assert!(status.contains(" 200 "), "{status}");
+    assert!(closed, "the connection stayed open after the response");
+    assert_eq!(gw.wait_rows(1).len(), 1);
+}
+
 /// A client that sends `Expect: 100-continue` gets the go-ahead from the
 /// gateway, not after its own timeout; one the gateway refuses gets the refusal
 /// instead and never uploads; the provider is not asked to expect anything.

@@ -460,6 +460,21 @@ pub fn heads_after_expect(addr: SocketAddr, head: &[u8], body: &[u8]) -> Vec<Str
     vec![first, last]
 }
 
+/// Sends `raw` on a fresh connection and reads until the server closes it:
+/// the response's status line and whether the close came within `within`
+/// (a server that keeps the connection alive leaves the read waiting).
+pub fn status_and_close(addr: SocketAddr, raw: &[u8], within: Duration) -> (String, bool) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(within)).unwrap();
+    s.write_all(raw).unwrap();
+    let mut got = Vec::new();
+    let closed = s.read_to_end(&mut got).is_ok();
+    let text = String::from_utf8_lossy(&got);
+    let status = text.lines().next().unwrap_or_default().to_owned();
+    (status, closed)
+}
+
 /// One response head off a blocking socket, a byte at a time so that nothing
 /// after it is consumed.
 fn read_head(s: &mut std::net::TcpStream) -> String {

@@ -207,6 +207,12 @@ pub fn service(
 #[async_trait]
 impl ServeHttp for AdminApi {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        // Pingora's HTTP app turns keep-alive on for every request before it
+        // calls this, so an HTTP/1.0 client, which did not ask to keep the
+        // connection, would read to a close that comes only at the idle timeout.
+        if asks_to_close(session.req_header()) {
+            session.set_keepalive(None);
+        }
         let head = session.req_header();
         let method = head.method.as_str().to_owned();
         let path = head.uri.path().to_owned();
@@ -234,6 +240,25 @@ impl ServeHttp for AdminApi {
             Err(e) => Reply::error(&e).into_response(),
         }
     }
+}
+
+/// Whether the client wants the connection closed after this exchange: it says
+/// `close`, or it speaks HTTP/1.0 and does not say `keep-alive` (RFC 9112 §9.3).
+fn asks_to_close(head: &pingora::http::RequestHeader) -> bool {
+    let mut keep_alive = false;
+    for token in head
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+    {
+        let token = token.trim_ascii();
+        if token.eq_ignore_ascii_case(b"close") {
+            return true;
+        }
+        keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+    }
+    head.version == http::Version::HTTP_10 && !keep_alive
 }
 
 /// The whole body, at most [`MAX_BODY_BYTES`]; a declared length over it is
@@ -272,6 +297,47 @@ async fn read_body(session: &mut ServerSession) -> Result<BytesMut, AdminError> 
                     "could not be read to its end",
                 )))
             }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::asks_to_close;
+    use http::Version;
+    use pingora::http::RequestHeader;
+
+    fn head(version: Version, connection: &[&str]) -> RequestHeader {
+        let mut h = RequestHeader::build("GET", b"/admin/keys", None).unwrap();
+        h.set_version(version);
+        for c in connection {
+            h.append_header("Connection", *c).unwrap();
+        }
+        h
+    }
+
+    #[test]
+    fn http_1_0_closes_unless_it_asks_to_keep_alive() {
+        const HTTP_10: Version = Version::HTTP_10;
+        const HTTP_11: Version = Version::HTTP_11;
+        for (version, connection, close) in [
+            (HTTP_10, &[][..], true),
+            (HTTP_10, &["keep-alive"][..], false),
+            (HTTP_10, &["Keep-Alive"][..], false),
+            (HTTP_10, &["te, keep-alive"][..], false),
+            (HTTP_10, &["keep-alive", "close"][..], true),
+            (HTTP_11, &[][..], false),
+            (HTTP_11, &["keep-alive"][..], false),
+            (HTTP_11, &["close"][..], true),
+            (HTTP_11, &["TE,  Close "][..], true),
+            (HTTP_11, &["closed"][..], false),
+        ] {
+            assert_eq!(
+                asks_to_close(&head(version, connection)),
+                close,
+                "{version:?} {connection:?}"
+            );
         }
     }
 }
