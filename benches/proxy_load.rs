@@ -16,7 +16,10 @@
 //!    provider-reported usage and with the counting fallback;
 //! 5. peak RSS with 1,000 concurrent open streams: bare, the gateway with
 //!    provider-reported usage (nothing counts: the token tables' pages are never
-//!    touched), and the gateway that counts every stream.
+//!    touched), and the gateway that counts every stream;
+//! 6. what became of every measured request's usage row, from each gateway's
+//!    own metrics (requests, rows written, spooled, dropped): a gateway that
+//!    dropped rows under load would look faster than one that keeps them.
 //!
 //! Every rate and latency table has 5 interleaved rounds (`ROUNDS`).
 //!
