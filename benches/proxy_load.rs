@@ -270,11 +270,8 @@ fn http_get(addr: SocketAddr, path: &str) -> String {
         return String::new();
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    if write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .is_err()
+    if s.write_all(&raw_request("GET", path, &[("connection", "close")], b""))
+        .is_err()
     {
         return String::new();
     }

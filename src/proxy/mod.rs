@@ -518,9 +518,7 @@ impl Gateway {
         if is_expect_continue_req(session.req_header()) {
             if let Err(e) = session.as_downstream_mut().write_continue_response().await {
                 log::debug!("writing 100 Continue: {e}");
-                return Err(ProxyError::InvalidJson(
-                    "the request body could not be read".into(),
-                ));
+                return Err(body_unreadable());
             }
         }
         // The body is read here, before Pingora's proxy loop, which then has
@@ -546,9 +544,7 @@ impl Gateway {
                 Ok(None) => break,
                 Err(e) => {
                     log::debug!("reading request body: {e}");
-                    return Err(ProxyError::InvalidJson(
-                        "the request body could not be read".into(),
-                    ));
+                    return Err(body_unreadable());
                 }
             }
         }
@@ -912,6 +908,11 @@ impl Gateway {
 
 /// What a parent hands its large-body subrequest.
 type Handoff = (Prepared, Option<Ticket>);
+
+/// The client's body could not be read to its end (nor the go-ahead for it written).
+fn body_unreadable() -> ProxyError {
+    ProxyError::InvalidJson("the request body could not be read".into())
+}
 
 /// The peer a call to provider `up` at `addr` goes to, with its timeouts.
 fn provider_peer(addr: SocketAddr, up: &Upstream, stream: bool, t: &UpstreamTimeouts) -> HttpPeer {

@@ -448,9 +448,7 @@ pub fn chunked(body: &[u8], piece: usize) -> Vec<u8> {
 /// Returns the response heads read, in order (bodies are left unread).
 pub fn heads_after_expect(addr: SocketAddr, head: &[u8], body: &[u8]) -> Vec<String> {
     use std::io::Write;
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(TIMEOUT)).unwrap();
-    s.write_all(head).unwrap();
+    let mut s = blocking_send(addr, head, TIMEOUT);
     let first = read_head(&mut s);
     if !first.starts_with("HTTP/1.1 100 ") {
         return vec![first];
@@ -464,15 +462,23 @@ pub fn heads_after_expect(addr: SocketAddr, head: &[u8], body: &[u8]) -> Vec<Str
 /// the response's status line and whether the close came within `within`
 /// (a server that keeps the connection alive leaves the read waiting).
 pub fn status_and_close(addr: SocketAddr, raw: &[u8], within: Duration) -> (String, bool) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(within)).unwrap();
-    s.write_all(raw).unwrap();
+    use std::io::Read;
+    let mut s = blocking_send(addr, raw, within);
     let mut got = Vec::new();
     let closed = s.read_to_end(&mut got).is_ok();
     let text = String::from_utf8_lossy(&got);
     let status = text.lines().next().unwrap_or_default().to_owned();
     (status, closed)
+}
+
+/// A fresh blocking connection to `addr` that has sent `raw` and whose reads
+/// give up after `timeout`.
+fn blocking_send(addr: SocketAddr, raw: &[u8], timeout: Duration) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(timeout)).unwrap();
+    s.write_all(raw).unwrap();
+    s
 }
 
 /// One response head off a blocking socket, a byte at a time so that nothing

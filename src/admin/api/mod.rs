@@ -273,13 +273,16 @@ async fn read_body(session: &mut ServerSession) -> Result<BytesMut, AdminError> 
     }
     // Pingora leaves `Expect: 100-continue` to the application: without the
     // go-ahead such a client (curl, for large bodies) waits out its own timeout.
+    let unreadable = || {
+        AdminError::Field(crate::admin::FieldError::new(
+            "body",
+            "could not be read to its end",
+        ))
+    };
     if is_expect_continue_req(session.req_header())
         && session.write_continue_response().await.is_err()
     {
-        return Err(AdminError::Field(crate::admin::FieldError::new(
-            "body",
-            "could not be read to its end",
-        )));
+        return Err(unreadable());
     }
     let mut body = BytesMut::new();
     loop {
@@ -291,12 +294,7 @@ async fn read_body(session: &mut ServerSession) -> Result<BytesMut, AdminError> 
                 body.extend_from_slice(&chunk);
             }
             Ok(None) => return Ok(body),
-            Err(_) => {
-                return Err(AdminError::Field(crate::admin::FieldError::new(
-                    "body",
-                    "could not be read to its end",
-                )))
-            }
+            Err(_) => return Err(unreadable()),
         }
     }
 }
