@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Who holds a core while the gateway's threads wait for one: the gateway with
+# everything on (two threads, SQLite usage), the mock provider and the load
+# generator share the two cores, unpinned, as in the load benchmark's search;
+# the small chat completion at RATE req/s (default 6000) for SECONDS (default
+# 4) under `perf sched record`, then every scheduling delay over 0.2 ms of a
+# proxy thread, the mock or the load generator is charged to what ran on that
+# CPU meanwhile (scripts/lib/sched_blame.py).
+#
+# This is how the usage writer's slices were found to delay the proxy threads
+# (BENCHMARKS.md, "2026-12-07 21:30"). AI4FREE_BIN traces another build of the
+# gateway (e.g. a copy of an earlier target/release/ai4free) against the same
+# mock. Results: bench-results/sched-trace.md. Needs root (perf sched).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib/build-deps.sh
+command -v perf >/dev/null 2>&1 || apt_install "perf sched traces" linux-perf
+rate=${1:-6000}
+secs=${2:-4}
+cargo build --release --locked --bin ai4free --example mock_provider
+cargo bench --locked --bench probe --no-run
+bin=target/release
+gateway_bin=${AI4FREE_BIN:-$bin/ai4free}
+probe=$(cargo bench --locked --bench probe --no-run --message-format=json 2>/dev/null |
+  python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "probe" and m.get("executable"):
+        print(m["executable"])')
+out=bench-results
+work=$(mktemp -d)
+mkdir -p "$out"
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() {
+  for _ in $(seq 1 600); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "nothing listens on $1" >&2
+  return 1
+}
+
+mock=$(free_port)
+"$bin/examples/mock_provider" --listen "127.0.0.1:$mock" >/dev/null 2>&1 &
+pids+=($!)
+mock_pid=$!
+port=$(free_port)
+cat >"$work/gateway.yaml" <<YAML
+listen: "127.0.0.1:$port"
+metrics_listen: "127.0.0.1:$(free_port)"
+storage: "sqlite://$work/usage.db"
+server: { threads: 2, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 1 }
+providers:
+  - name: mock
+    base_url: "http://127.0.0.1:$mock/v1"
+    models:
+      - name: gpt-4o-mini
+        tokenizer: o200k_base
+        input_price_per_mtok: 0.15
+        output_price_per_mtok: 0.60
+tiers:
+  bench: { requests_per_minute: 4000000000 }
+YAML
+key=$("$gateway_bin" keys create --tier bench --config "$work/gateway.yaml" 2>/dev/null)
+RUST_LOG=error "$gateway_bin" serve --config "$work/gateway.yaml" >"$work/gateway.log" 2>&1 &
+pids+=($!)
+gateway_pid=$!
+wait_port "$mock"
+wait_port "$port"
+
+# The probe starts once perf is recording; perf stops shortly after it ends.
+(sleep 0.5; exec "$probe" "$rate" "$secs" 1 "gateway=127.0.0.1:$port,$key") >"$work/probe.txt" &
+probe_pid=$!
+perf sched record -a -o "$work/sched.data" -- sleep "$(python3 -c "print($secs + 2.5)")" \
+  >/dev/null 2>&1
+wait "$probe_pid"
+load_pid=$(perf sched timehist -i "$work/sched.data" 2>/dev/null |
+  grep -o "probe-[0-9a-f]*\[[0-9]*\]" | head -1 | grep -o "[0-9]*\]" | tr -d ']')
+{
+  echo "Run: $(date -u '+%Y-%m-%d %H:%M UTC'); $gateway_bin; $(nproc) CPUs; $rate req/s for $secs s"
+  echo
+  echo '```'
+  cat "$work/probe.txt"
+  echo '```'
+  echo
+  perf sched timehist -i "$work/sched.data" 2>/dev/null >"$work/timehist.txt"
+  python3 scripts/lib/sched_blame.py "$work/timehist.txt" "$gateway_pid" "$mock_pid" "${load_pid:-0}"
+} | tee "$out/sched-trace.md"
