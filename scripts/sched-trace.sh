@@ -82,7 +82,7 @@ perf sched record -a -o "$work/sched.data" -- sleep "$(python3 -c "print($secs +
   >/dev/null 2>&1
 wait "$probe_pid"
 load_pid=$(perf sched timehist -i "$work/sched.data" 2>/dev/null |
-  grep -o "probe-[0-9a-f]*\[[0-9]*\]" | head -1 | grep -o "[0-9]*\]" | tr -d ']')
+  grep -o "probe-[0-9a-f]*\[[0-9]*\]" | head -1 | grep -o "[0-9]*\]" | tr -d ']' || true)
 {
   echo "Run: $(date -u '+%Y-%m-%d %H:%M UTC'); $gateway_bin; $(nproc) CPUs; $rate req/s for $secs s"
   echo
