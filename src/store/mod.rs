@@ -298,6 +298,12 @@ pub trait Store: Send + Sync {
     /// `'static` (SQLite's blocking pool) takes them without copying each row's
     /// strings, which cost ~0.6k instructions a row.
     async fn insert_usage(&self, rows: Arc<[UsageRecord]>) -> Result<(), StoreError>;
+    /// Whether [`Store::insert_usage`] should offer the core to other threads
+    /// between its statements, for a store whose inserts run on this process's
+    /// cores (SQLite). The usage writer turns it off while its queue backs up,
+    /// so that yielding never costs it the share it needs to keep up. Stores
+    /// whose inserts run in another process ignore it.
+    fn set_yield_between_statements(&self, _on: bool) {}
     /// Usage rows matching `q`, oldest first.
     async fn query_usage(&self, q: &UsageQuery) -> Result<Vec<UsageRecord>, StoreError>;
     /// Totals per key and model matching `q`.

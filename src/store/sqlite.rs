@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -279,6 +280,9 @@ fn backfill_usage_daily(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreError
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
     path: PathBuf,
+    /// Whether usage batches yield between statements ([`step_aside`]); set
+    /// by the usage writer through [`Store::set_yield_between_statements`].
+    yielding: AtomicBool,
 }
 
 fn db_err(e: rusqlite::Error) -> StoreError {
@@ -311,6 +315,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
             path: path.to_path_buf(),
+            yielding: AtomicBool::new(true),
         })
     }
 
@@ -492,6 +497,7 @@ fn bind_usage(
 fn insert_usage_chunked(
     tx: &Connection,
     rows: &[UsageRecord],
+    yielding: bool,
 ) -> Result<Option<DailyCells>, StoreError> {
     let mut cells = Rollup::default();
     let mut rest = rows;
@@ -512,6 +518,7 @@ fn insert_usage_chunked(
             }
             chunk.iter().for_each(|r| cells.add(r));
             rest = tail;
+            step_aside(yielding);
         }
     }
     Ok(Some(cells.finish()))
@@ -520,16 +527,42 @@ fn insert_usage_chunked(
 /// Inserts the rows whose `request_id` is new, one statement each; returns what
 /// they add to the rollup. Only rows actually inserted count, so a replayed batch
 /// adds nothing.
-fn insert_usage_rows(tx: &Connection, rows: &[UsageRecord]) -> Result<DailyCells, StoreError> {
+fn insert_usage_rows(
+    tx: &Connection,
+    rows: &[UsageRecord],
+    yielding: bool,
+) -> Result<DailyCells, StoreError> {
     let mut cells = Rollup::default();
     let mut st = tx.prepare_cached(insert_one_sql()).map_err(db_err)?;
-    for r in rows {
+    for (i, r) in rows.iter().enumerate() {
         bind_usage(&mut st, 1, r).map_err(db_err)?;
         if st.raw_execute().map_err(db_err)? == 1 {
             cells.add(r);
         }
+        if (i + 1) % INSERT_SIZES[0] == 0 {
+            step_aside(yielding);
+        }
     }
     Ok(cells.finish())
+}
+
+/// Offers the core to any thread waiting for it, between two statements of a
+/// usage batch, when `yielding`. The writer's threads are niced, but nice sets
+/// a share, not a wake-up latency: Linux's EEVDF scheduler lets a task it has
+/// just picked run out its slice (0.75 ms × (1 + log2 CPUs)) before a waking
+/// thread of higher priority gets the core, and a tick's rows are milliseconds
+/// of inserts. Traced under load (BENCHMARKS.md, "2026-12-07 21:30"), those
+/// slices were the largest cause of the proxy threads' waits over 0.2 ms after
+/// the proxy threads themselves. A yield costs one system call per 32 rows
+/// (~80 us of inserts) and returns at once when nothing else is runnable; but
+/// the kernel also charges the yielding task the rest of its slice, so under
+/// saturation a writer that always yields falls behind and its queue drops rows
+/// (measured: 155,303 of 1.09M). Hence the switch, which the writer turns off
+/// while its queue backs up.
+fn step_aside(yielding: bool) {
+    if yielding {
+        std::thread::yield_now();
+    }
 }
 
 /// Sums rows into rollup cells. A batch is mostly one (day, key, model) run after
@@ -666,19 +699,24 @@ impl Store for SqliteStore {
         .await
     }
 
+    fn set_yield_between_statements(&self, on: bool) {
+        self.yielding.store(on, Ordering::Relaxed);
+    }
+
     async fn insert_usage(&self, rows: Arc<[UsageRecord]>) -> Result<(), StoreError> {
+        let yielding = self.yielding.load(Ordering::Relaxed);
         self.with(move |c| {
             let tx = c
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
                 .map_err(db_err)?;
-            let (tx, cells) = match insert_usage_chunked(&tx, &rows)? {
+            let (tx, cells) = match insert_usage_chunked(&tx, &rows, yielding)? {
                 Some(cells) => (tx, cells),
                 None => {
                     tx.rollback().map_err(db_err)?;
                     let tx = c
                         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
                         .map_err(db_err)?;
-                    let cells = insert_usage_rows(&tx, &rows)?;
+                    let cells = insert_usage_rows(&tx, &rows, yielding)?;
                     (tx, cells)
                 }
             };
@@ -1091,7 +1129,7 @@ mod tests {
         store
             .with(move |c| {
                 let tx = c.transaction().map_err(db_err)?;
-                insert_usage_rows(&tx, &old)?;
+                insert_usage_rows(&tx, &old, false)?;
                 tx.commit().map_err(db_err)
             })
             .await
