@@ -12,6 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/build-deps.sh
+. scripts/lib/bench-env.sh
 missing=()
 command -v valgrind >/dev/null 2>&1 || missing+=(valgrind)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
@@ -31,15 +32,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 1 600); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "nothing listens on $1" >&2
-  return 1
-}
 
 mock=$(free_port)
 "$bin/examples/mock_provider" --listen "127.0.0.1:$mock" >/dev/null 2>&1 &
@@ -107,23 +99,7 @@ for v in "${variants[@]}"; do
   port=$(free_port)
   ablate=""
   [ "$v" != gateway ] && ablate=$v
-  cat >"$work/$v.yaml" <<EOF
-listen: "127.0.0.1:$port"
-metrics_listen: "127.0.0.1:$(free_port)"
-storage: "sqlite://$work/$v.db"
-server: { threads: 1, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 1 }
-bench_ablate: [$ablate]
-providers:
-  - name: mock
-    base_url: "http://127.0.0.1:$mock/v1"
-    models:
-      - name: gpt-4o-mini
-        tokenizer: o200k_base
-        input_price_per_mtok: 0.15
-        output_price_per_mtok: 0.60
-tiers:
-  bench: { requests_per_minute: 4000000000 }
-EOF
+  bench_gateway_yaml "$port" "$work/$v.db" 1 "$mock" "$ablate" >"$work/$v.yaml"
   KEY=$("$bin/ai4free" keys create --tier bench --config "$work/$v.yaml" 2>/dev/null)
   export KEY
   name=gateway

@@ -14,6 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/build-deps.sh
+. scripts/lib/bench-env.sh
 command -v perf >/dev/null 2>&1 || apt_install "perf sched traces" linux-perf
 rate=${1:-6000}
 secs=${2:-4}
@@ -37,37 +38,13 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 1 600); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "nothing listens on $1" >&2
-  return 1
-}
 
 mock=$(free_port)
 "$bin/examples/mock_provider" --listen "127.0.0.1:$mock" >/dev/null 2>&1 &
 pids+=($!)
 mock_pid=$!
 port=$(free_port)
-cat >"$work/gateway.yaml" <<YAML
-listen: "127.0.0.1:$port"
-metrics_listen: "127.0.0.1:$(free_port)"
-storage: "sqlite://$work/usage.db"
-server: { threads: 2, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 1 }
-providers:
-  - name: mock
-    base_url: "http://127.0.0.1:$mock/v1"
-    models:
-      - name: gpt-4o-mini
-        tokenizer: o200k_base
-        input_price_per_mtok: 0.15
-        output_price_per_mtok: 0.60
-tiers:
-  bench: { requests_per_minute: 4000000000 }
-YAML
+bench_gateway_yaml "$port" "$work/usage.db" 2 "$mock" >"$work/gateway.yaml"
 key=$("$gateway_bin" keys create --tier bench --config "$work/gateway.yaml" 2>/dev/null)
 RUST_LOG=error "$gateway_bin" serve --config "$work/gateway.yaml" >"$work/gateway.log" 2>&1 &
 pids+=($!)
