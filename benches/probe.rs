@@ -62,16 +62,7 @@ fn parse(args: &[String]) -> Result<Args, String> {
         .ok()
         .filter(|r| *r > 0)
         .ok_or_else(|| format!("not a positive number of rounds: {rounds:?}"))?;
-    let body = serde_json::to_vec(&serde_json::json!({
-        "model": "gpt-4o-mini",
-        "messages": [
-            {"role": "system", "content": "You are terse."},
-            {"role": "user", "content": "Say hello to the benchmark."},
-        ],
-        "max_tokens": 16,
-        "stream": false,
-    }))
-    .unwrap();
+    let body = loadgen::chat_body(false, 0);
     let targets = targets
         .iter()
         .map(|t| {
@@ -79,18 +70,13 @@ fn parse(args: &[String]) -> Result<Args, String> {
                 .split_once('=')
                 .ok_or_else(|| format!("not NAME=ADDR[,KEY]: {t:?}"))?;
             let (addr, key) = match rest.split_once(',') {
-                Some((a, k)) => (a, Some(format!("Bearer {k}"))),
+                Some((a, k)) => (a, Some(k)),
                 None => (rest, None),
             };
             let addr: SocketAddr = addr
                 .parse()
                 .map_err(|e| format!("{name}: not an address {addr:?}: {e}"))?;
-            let mut headers = vec![("content-type", "application/json")];
-            if let Some(k) = key.as_deref() {
-                headers.push(("authorization", k));
-            }
-            let request = loadgen::raw_request("POST", "/v1/chat/completions", &headers, &body);
-            Ok((name.to_owned(), loadgen::Target { addr, request }))
+            Ok((name.to_owned(), loadgen::chat_target(addr, key, &body, &[])))
         })
         .collect::<Result<Vec<_>, String>>()?;
     Ok(Args {

@@ -41,7 +41,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use loadgen::{raw_request, RunResult, RunSpec, Target};
+use loadgen::{chat_body, chat_target, raw_request, RunResult, RunSpec, Target};
 
 /// Interleaved rounds of every table: the issue asks for at least 5, median and
 /// spread reported.
@@ -444,21 +444,6 @@ impl Drop for PgDatabase {
     }
 }
 
-fn chat_body(stream: bool, prompt_bytes: usize) -> Vec<u8> {
-    let content = if prompt_bytes > 0 {
-        "The quick brown fox jumps over the lazy dog. ".repeat(prompt_bytes / 45 + 1)
-    } else {
-        "Say hello to the benchmark.".to_owned()
-    };
-    serde_json::to_vec(&serde_json::json!({
-        "model": "gpt-4o-mini",
-        "messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": content}],
-        "max_tokens": 16,
-        "stream": stream,
-    }))
-    .unwrap()
-}
-
 /// One system under test: where to send, and which process to charge CPU to.
 struct System<'a> {
     name: String,
@@ -473,19 +458,6 @@ impl<'a> System<'a> {
             target,
             proc,
         }
-    }
-}
-
-fn target(addr: SocketAddr, key: Option<&str>, body: &[u8], extra: &[(&str, &str)]) -> Target {
-    let auth = key.map(|k| format!("Bearer {k}"));
-    let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/json")];
-    if let Some(a) = auth.as_deref() {
-        headers.push(("authorization", a));
-    }
-    headers.extend_from_slice(extra);
-    Target {
-        addr,
-        request: raw_request("POST", "/v1/chat/completions", &headers, body),
     }
 }
 
@@ -650,7 +622,7 @@ fn peer_litellm(
         std::thread::sleep(Duration::from_millis(200));
     }
     eprintln!("== LiteLLM {}", litellm.display());
-    let lt = target(addr, Some(LITELLM_KEY), body, &[]);
+    let lt = chat_target(addr, Some(LITELLM_KEY), body, &[]);
     let (lmax, _) = rt
         .block_on(loadgen::find_max_rate(
             &lt,
@@ -672,10 +644,10 @@ fn peer_litellm(
         timeout: Duration::from_secs(10),
     };
     let systems = vec![
-        System::new("direct", target(mock_addr, None, body, &[]), mock),
+        System::new("direct", chat_target(mock_addr, None, body, &[]), mock),
         System::new(
             "ai4free gateway",
-            target(gw.addr, Some(&gw.key), body, &[]),
+            chat_target(gw.addr, Some(&gw.key), body, &[]),
             &gw.proc,
         ),
         System::new("litellm", lt, &proc),
@@ -693,7 +665,7 @@ fn rss_with_open_streams(
 ) -> (u64, u64, usize) {
     let baseline = proc.rss_kib();
     let body = chat_body(true, 0);
-    let req = target(
+    let req = chat_target(
         addr,
         key,
         &body,
@@ -1112,11 +1084,11 @@ fn main() {
     // The reference trio every section measures: upstream alone, bare Pingora, gateway.
     let reference = |body: &[u8], gateway: &str| {
         vec![
-            System::new("direct", target(mock_addr, None, body, &[]), &mock),
-            System::new("bare", target(bare_addr, None, body, &[]), &bare),
+            System::new("direct", chat_target(mock_addr, None, body, &[]), &mock),
+            System::new("bare", chat_target(bare_addr, None, body, &[]), &bare),
             System::new(
                 gateway,
-                target(full.addr, Some(&full.key), body, &[]),
+                chat_target(full.addr, Some(&full.key), body, &[]),
                 &full.proc,
             ),
         ]
@@ -1142,12 +1114,12 @@ fn main() {
         let systems = vec![
             System::new(
                 "bare (pinned)",
-                target(pinned.bare_addr, None, &small, &[]),
+                chat_target(pinned.bare_addr, None, &small, &[]),
                 &pinned.bare,
             ),
             System::new(
                 "gateway (pinned)",
-                target(pinned.gateway.addr, Some(&pinned.gateway.key), &small, &[]),
+                chat_target(pinned.gateway.addr, Some(&pinned.gateway.key), &small, &[]),
                 &pinned.gateway.proc,
             ),
         ];
@@ -1172,14 +1144,14 @@ fn main() {
     if let Some(g) = &cluster {
         systems.push(System::new(
             "gateway +PostgreSQL +Redis",
-            target(g.addr, Some(&g.key), &small, &[]),
+            chat_target(g.addr, Some(&g.key), &small, &[]),
             &g.proc,
         ));
     }
     for (a, g) in &ablations {
         systems.push(System::new(
             format!("gateway −{a}"),
-            target(g.addr, Some(&g.key), &small, &[]),
+            chat_target(g.addr, Some(&g.key), &small, &[]),
             &g.proc,
         ));
     }
@@ -1215,7 +1187,7 @@ fn main() {
     let mut ssys = reference(&stream, "gateway (provider usage)");
     ssys.push(System::new(
         "gateway (counting)",
-        target(counting.addr, Some(&counting.key), &stream, &[]),
+        chat_target(counting.addr, Some(&counting.key), &stream, &[]),
         &counting.proc,
     ));
     interleaved(&rt, &ssys, &sspec, &mut out);

@@ -19,10 +19,10 @@ command -v perf >/dev/null 2>&1 || apt_install "perf sched traces" linux-perf
 rate=${1:-6000}
 secs=${2:-4}
 cargo build --release --locked --bin ai4free --example mock_provider
-cargo bench --locked --bench probe --no-run
 bin=target/release
 gateway_bin=${AI4FREE_BIN:-$bin/ai4free}
-probe=$(cargo bench --locked --bench probe --no-run --message-format=json 2>/dev/null |
+# One build, which also names the probe's executable (cargo's progress stays on stderr).
+probe=$(cargo bench --locked --bench probe --no-run --message-format=json |
   python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
@@ -58,8 +58,8 @@ probe_pid=$!
 perf sched record -a -o "$work/sched.data" -- sleep "$(python3 -c "print($secs + 2.5)")" \
   >/dev/null 2>&1
 wait "$probe_pid"
-load_pid=$(perf sched timehist -i "$work/sched.data" 2>/dev/null |
-  grep -o "probe-[0-9a-f]*\[[0-9]*\]" | head -1 | grep -o "[0-9]*\]" | tr -d ']' || true)
+perf sched timehist -i "$work/sched.data" 2>/dev/null >"$work/timehist.txt"
+load_pid=$(grep -o -m1 "probe-[0-9a-f]*\[[0-9]*\]" "$work/timehist.txt" | head -1 | sed "s/.*\[\([0-9]*\)\]/\1/" || true)
 {
   echo "Run: $(date -u '+%Y-%m-%d %H:%M UTC'); $gateway_bin; $(nproc) CPUs; $rate req/s for $secs s"
   echo
@@ -67,6 +67,5 @@ load_pid=$(perf sched timehist -i "$work/sched.data" 2>/dev/null |
   cat "$work/probe.txt"
   echo '```'
   echo
-  perf sched timehist -i "$work/sched.data" 2>/dev/null >"$work/timehist.txt"
   python3 scripts/lib/sched_blame.py "$work/timehist.txt" "$gateway_pid" "$mock_pid" "${load_pid:-0}"
 } | tee "$out/sched-trace.md"

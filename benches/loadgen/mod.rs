@@ -225,6 +225,43 @@ pub fn raw_request(method: &str, path: &str, headers: &[(&str, &str)], body: &[u
     Bytes::from(out)
 }
 
+/// The benchmarks' chat completion body: the small prompt, or one of about
+/// `prompt_bytes` when that is not 0, a 16-token answer, streamed or not.
+pub fn chat_body(stream: bool, prompt_bytes: usize) -> Vec<u8> {
+    let content = if prompt_bytes > 0 {
+        "The quick brown fox jumps over the lazy dog. ".repeat(prompt_bytes / 45 + 1)
+    } else {
+        "Say hello to the benchmark.".to_owned()
+    };
+    serde_json::to_vec(&serde_json::json!({
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": content}],
+        "max_tokens": 16,
+        "stream": stream,
+    }))
+    .unwrap_or_default()
+}
+
+/// `POST /v1/chat/completions` of `body` to `addr`, with `key` as the bearer
+/// token when given and `extra` headers.
+pub fn chat_target(
+    addr: SocketAddr,
+    key: Option<&str>,
+    body: &[u8],
+    extra: &[(&str, &str)],
+) -> Target {
+    let auth = key.map(|k| format!("Bearer {k}"));
+    let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/json")];
+    if let Some(a) = auth.as_deref() {
+        headers.push(("authorization", a));
+    }
+    headers.extend_from_slice(extra);
+    Target {
+        addr,
+        request: raw_request("POST", "/v1/chat/completions", &headers, body),
+    }
+}
+
 /// A runtime for [`run`]: `worker_threads == 0` gives a current-thread runtime (the
 /// frugal choice, enough for ~10k req/s), otherwise a multi-thread one with that many
 /// workers.

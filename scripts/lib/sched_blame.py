@@ -25,10 +25,13 @@ def group(task, gateway, mock, load):
     m = TASK.match(task)
     if not m:
         return "idle" if task == "<idle>" else task
-    name, tid, pid = m.group(1), m.group(2), m.group(3) or m.group(2)
+    name, pid = m.group(1), m.group(3) or m.group(2)
     if pid == gateway:
-        return "gateway proxy threads" if name == "ai4free proxy" else "gateway usage writer" \
-            if name in ("ai4free-usage", "tokio-rt-worker") else "gateway, other threads"
+        if name == "ai4free proxy":
+            return "gateway proxy threads"
+        if name in ("ai4free-usage", "tokio-rt-worker"):
+            return "gateway usage writer"
+        return "gateway, other threads"
     if pid == mock:
         return "mock provider"
     if pid == load:

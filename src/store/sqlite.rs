@@ -554,11 +554,9 @@ fn insert_usage_rows(
 /// of inserts. Traced under load (BENCHMARKS.md, "2026-12-07 21:30"), those
 /// slices were the largest cause of the proxy threads' waits over 0.2 ms after
 /// the proxy threads themselves. A yield costs one system call per 32 rows
-/// (~80 us of inserts) and returns at once when nothing else is runnable; but
-/// the kernel also charges the yielding task the rest of its slice, so under
-/// saturation a writer that always yields falls behind and its queue drops rows
-/// (measured: 155,303 of 1.09M). Hence the switch, which the writer turns off
-/// while its queue backs up.
+/// (~80 us of inserts) and returns at once when nothing else is runnable; the
+/// writer turns it off while its queue backs up (`usage::writer::keeping_up`
+/// says why).
 fn step_aside(yielding: bool) {
     if yielding {
         std::thread::yield_now();
