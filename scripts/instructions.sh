@@ -32,7 +32,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-
 mock=$(free_port)
 "$bin/examples/mock_provider" --listen "127.0.0.1:$mock" >/dev/null 2>&1 &
 mock_pid=$!

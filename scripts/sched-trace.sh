@@ -53,13 +53,13 @@ wait_port "$mock"
 wait_port "$port"
 
 # The probe starts once perf is recording; perf stops shortly after it ends.
+# `exec` keeps the subshell's pid, so $! is the probe's (the load generator).
 (sleep 0.5; exec "$probe" "$rate" "$secs" 1 "gateway=127.0.0.1:$port,$key") >"$work/probe.txt" &
 probe_pid=$!
 perf sched record -a -o "$work/sched.data" -- sleep "$(python3 -c "print($secs + 2.5)")" \
   >/dev/null 2>&1
 wait "$probe_pid"
 perf sched timehist -i "$work/sched.data" 2>/dev/null >"$work/timehist.txt"
-load_pid=$(grep -o -m1 "probe-[0-9a-f]*\[[0-9]*\]" "$work/timehist.txt" | head -1 | sed "s/.*\[\([0-9]*\)\]/\1/" || true)
 {
   echo "Run: $(date -u '+%Y-%m-%d %H:%M UTC'); $gateway_bin; $(nproc) CPUs; $rate req/s for $secs s"
   echo
@@ -67,5 +67,5 @@ load_pid=$(grep -o -m1 "probe-[0-9a-f]*\[[0-9]*\]" "$work/timehist.txt" | head -
   cat "$work/probe.txt"
   echo '```'
   echo
-  python3 scripts/lib/sched_blame.py "$work/timehist.txt" "$gateway_pid" "$mock_pid" "${load_pid:-0}"
+  python3 scripts/lib/sched_blame.py "$work/timehist.txt" "$gateway_pid" "$mock_pid" "$probe_pid"
 } | tee "$out/sched-trace.md"

@@ -11,6 +11,7 @@ charged to that task's group. The gateway's threads are split into its proxy
 threads and its usage writer (the `ai4free-usage` thread and the blocking
 threads its runtime runs SQLite on). Prints a Markdown table.
 """
+import bisect
 import collections
 import re
 import sys
@@ -57,6 +58,9 @@ def main():
         by_cpu[r[0]].append(r)
     for cpu_runs in by_cpu.values():
         cpu_runs.sort(key=lambda r: r[1])
+    # A CPU's runs do not overlap, so their ends are sorted too: each wait
+    # starts its scan at the first run still going when the wait began.
+    ends = {cpu: [r[2] for r in cpu_runs] for cpu, cpu_runs in by_cpu.items()}
     waiters = ["gateway proxy threads", "mock provider", "load generator"]
     print(f"| waiting | waits > {threshold} ms | their total, ms | what held the core meanwhile, ms |")
     print("|---|---|---|---|")
@@ -69,7 +73,9 @@ def main():
             n += 1
             total += delay
             w0, w1 = start - delay / 1e3, start
-            for _c, s, e, og, _d in by_cpu[cpu]:
+            cpu_runs = by_cpu[cpu]
+            for i in range(bisect.bisect_right(ends[cpu], w0), len(cpu_runs)):
+                _c, s, e, og, _d = cpu_runs[i]
                 if s >= w1:
                     break
                 overlap = min(e, w1) - max(s, w0)

@@ -224,10 +224,10 @@ fn keeping_up(queued: usize, capacity: usize) -> bool {
 /// Gives the calling thread the scheduling priority `nice`. The writer's work
 /// comes in bursts (a tick's rows in one transaction); at the proxy's own
 /// priority a burst holds a core the proxy threads then queue behind, which is
-/// what set the gateway's p99. Niced, its share under load is a tenth, and it
-/// still gets the whole of an idle core. Nice does not shorten the slice the scheduler
-/// lets it finish once picked, hence [`keeping_up`]. Linux applies the value to
-/// the thread alone.
+/// what set the gateway's p99. Niced (10 by default), it gets about a tenth of
+/// a busy core against one proxy thread, and still the whole of an idle one.
+/// Nice does not shorten the slice the scheduler lets it finish once picked,
+/// hence [`keeping_up`]. Linux applies the value to the thread alone.
 fn lower_priority(nice: u8) {
     #[cfg(target_os = "linux")]
     if nice > 0 {
