@@ -10,7 +10,10 @@
 # This is how the usage writer's slices were found to delay the proxy threads
 # (BENCHMARKS.md, "2026-12-07 21:30"). AI4FREE_BIN traces another build of the
 # gateway (e.g. a copy of an earlier target/release/ai4free) against the same
-# mock. Results: bench-results/sched-trace.md. Needs root (perf sched).
+# mock. AI4FREE_PINNED=1 traces the load benchmark's pinned topology instead:
+# the gateway with one thread on core 1 (its usage writer with it), the mock
+# and the load generator on core 0. Results: bench-results/sched-trace.md.
+# Needs root (perf sched).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/build-deps.sh
@@ -18,6 +21,15 @@ cd "$(dirname "$0")/.."
 command -v perf >/dev/null 2>&1 || apt_install "perf sched traces" linux-perf
 rate=${1:-6000}
 secs=${2:-4}
+threads=2
+on_proxy_core=()
+on_load_core=()
+if [ -n "${AI4FREE_PINNED:-}" ]; then
+  [ "$(nproc)" -ge 2 ] || { echo "AI4FREE_PINNED needs two cores" >&2; exit 1; }
+  threads=1
+  on_proxy_core=(taskset -c 1)
+  on_load_core=(taskset -c 0)
+fi
 cargo build --release --locked --bin ai4free --example mock_provider
 bin=target/release
 gateway_bin=${AI4FREE_BIN:-$bin/ai4free}
@@ -40,13 +52,13 @@ cleanup() {
 trap cleanup EXIT
 
 mock=$(free_port)
-"$bin/examples/mock_provider" --listen "127.0.0.1:$mock" >/dev/null 2>&1 &
+"${on_load_core[@]}" "$bin/examples/mock_provider" --listen "127.0.0.1:$mock" >/dev/null 2>&1 &
 pids+=($!)
 mock_pid=$!
 port=$(free_port)
-bench_gateway_yaml "$port" "$work/usage.db" 2 "$mock" >"$work/gateway.yaml"
+bench_gateway_yaml "$port" "$work/usage.db" "$threads" "$mock" >"$work/gateway.yaml"
 key=$("$gateway_bin" keys create --tier bench --config "$work/gateway.yaml" 2>/dev/null)
-RUST_LOG=error "$gateway_bin" serve --config "$work/gateway.yaml" >"$work/gateway.log" 2>&1 &
+RUST_LOG=error "${on_proxy_core[@]}" "$gateway_bin" serve --config "$work/gateway.yaml" >"$work/gateway.log" 2>&1 &
 pids+=($!)
 gateway_pid=$!
 wait_port "$mock"
@@ -54,14 +66,16 @@ wait_port "$port"
 
 # The probe starts once perf is recording; perf stops shortly after it ends.
 # `exec` keeps the subshell's pid, so $! is the probe's (the load generator).
-(sleep 0.5; exec "$probe" "$rate" "$secs" 1 "gateway=127.0.0.1:$port,$key") >"$work/probe.txt" &
+(sleep 0.5; exec "${on_load_core[@]}" "$probe" "$rate" "$secs" 1 "gateway=127.0.0.1:$port,$key") >"$work/probe.txt" &
 probe_pid=$!
 perf sched record -a -o "$work/sched.data" -- sleep "$(python3 -c "print($secs + 2.5)")" \
   >/dev/null 2>&1
 wait "$probe_pid"
 perf sched timehist -i "$work/sched.data" 2>/dev/null >"$work/timehist.txt"
 {
-  echo "Run: $(date -u '+%Y-%m-%d %H:%M UTC'); $gateway_bin; $(nproc) CPUs; $rate req/s for $secs s"
+  topology="unpinned, $threads proxy threads"
+  [ -n "${AI4FREE_PINNED:-}" ] && topology="pinned: the gateway (1 thread) on core 1, mock and load on core 0"
+  echo "Run: $(date -u '+%Y-%m-%d %H:%M UTC'); $gateway_bin; $(nproc) CPUs; $topology; $rate req/s for $secs s"
   echo
   echo '```'
   cat "$work/probe.txt"
