@@ -3,9 +3,11 @@
 # everything on (two threads, SQLite usage), the mock provider and the load
 # generator share the two cores, unpinned, as in the load benchmark's search;
 # the small chat completion at RATE req/s (default 6000) for SECONDS (default
-# 4) under `perf sched record`, then every scheduling delay over 0.2 ms of a
-# proxy thread, the mock or the load generator is charged to what ran on that
-# CPU meanwhile (scripts/lib/sched_blame.py).
+# 4) under `perf sched record`, then every scheduling delay over THRESHOLD_MS
+# (default 0.2) of a proxy thread, the mock or the load generator is charged
+# to what ran on that CPU meanwhile (scripts/lib/sched_blame.py).
+#
+#   ./scripts/sched-trace.sh [RATE [SECONDS [THRESHOLD_MS]]]
 #
 # This is how the usage writer's slices were found to delay the proxy threads
 # (BENCHMARKS.md, "2026-12-07 21:30"). AI4FREE_BIN traces another build of the
@@ -21,12 +23,15 @@ cd "$(dirname "$0")/.."
 command -v perf >/dev/null 2>&1 || apt_install "perf sched traces" linux-perf
 rate=${1:-6000}
 secs=${2:-4}
+threshold=${3:-0.2}
 threads=2
+topology="unpinned, 2 proxy threads"
 on_proxy_core=()
 on_load_core=()
 if [ -n "${AI4FREE_PINNED:-}" ]; then
   [ "$(nproc)" -ge 2 ] || { echo "AI4FREE_PINNED needs two cores" >&2; exit 1; }
   threads=1
+  topology="pinned: the gateway (1 thread) on core 1, mock and load on core 0"
   on_proxy_core=(taskset -c 1)
   on_load_core=(taskset -c 0)
 fi
@@ -73,13 +78,11 @@ perf sched record -a -o "$work/sched.data" -- sleep "$(python3 -c "print($secs +
 wait "$probe_pid"
 perf sched timehist -i "$work/sched.data" 2>/dev/null >"$work/timehist.txt"
 {
-  topology="unpinned, $threads proxy threads"
-  [ -n "${AI4FREE_PINNED:-}" ] && topology="pinned: the gateway (1 thread) on core 1, mock and load on core 0"
   echo "Run: $(date -u '+%Y-%m-%d %H:%M UTC'); $gateway_bin; $(nproc) CPUs; $topology; $rate req/s for $secs s"
   echo
   echo '```'
   cat "$work/probe.txt"
   echo '```'
   echo
-  python3 scripts/lib/sched_blame.py "$work/timehist.txt" "$gateway_pid" "$mock_pid" "$probe_pid"
+  python3 scripts/lib/sched_blame.py "$work/timehist.txt" "$gateway_pid" "$mock_pid" "$probe_pid" "$threshold"
 } | tee "$out/sched-trace.md"
